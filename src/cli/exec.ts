@@ -1,0 +1,65 @@
+import { Command, Option } from 'commander';
+import { BACKEND_CHOICES, selectBackend, type BackendChoice } from '../backends/index.js';
+import { MvmError } from '../errors.js';
+import { execInMicroVm } from '../exec/run.js';
+import { ensureDefaultImage } from '../image/index.js';
+import { mergeEnv, parseEnvAssignment } from '../launchplan/env.js';
+import { progressReporter } from '../progress.js';
+import { collect, parseIntegerIn, parseMemory } from './parse.js';
+import { runInterruptibly } from './signals.js';
+
+interface ExecOptions {
+  cpus: number;
+  memory: number;
+  timeout: number;
+  env: string[];
+  interactive?: boolean;
+  backend: BackendChoice;
+  verbose?: boolean;
+}
+
+const DEFAULT_BOOT_TIMEOUT_S = 60;
+
+export function execCommand(): Command {
+  return new Command('exec')
+    .description('boot a fresh microVM, run one command in it, stream its output, and tear the VM down')
+    .usage('[options] -- CMD [ARGS...]')
+    .argument('[command...]', 'the command and its arguments, run as given (no shell)')
+    .option('--cpus <n>', 'virtual CPUs', parseIntegerIn(1, 64), 2)
+    .option('--memory <size>', 'guest memory: K/M/G suffix, bare number = MiB', parseMemory, 512)
+    .option('--timeout <seconds>', 'kill the command (exit 124) after this many seconds', parseIntegerIn(1, 7 * 24 * 3600), 60)
+    .option('-e, --env <KEY=VALUE>', 'set an environment variable in the guest (repeatable)', collect, [])
+    .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
+    .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES).default('auto'))
+    .option('-v, --verbose', 'show the guest console and timings on stderr')
+    .passThroughOptions()
+    .action(async (argv: string[], options: ExecOptions) => {
+      const env = mergeEnv(Object.fromEntries(options.env.map(parseEnvAssignment)));
+      if (argv.length === 0) throw new MvmError('no command given: usage is mvmctl exec [options] -- CMD [ARGS...]');
+      const backend = selectBackend(options.backend);
+      const log = (line: string) => process.stderr.write(`mvmctl: ${line}\n`);
+      const bootTimeoutMs = Number(process.env.MVM_BOOT_TIMEOUT || DEFAULT_BOOT_TIMEOUT_S) * 1000;
+      process.exitCode = await runInterruptibly((signal) =>
+        execInMicroVm(
+          {
+            argv,
+            env,
+            cpus: options.cpus,
+            memoryMiB: options.memory,
+            timeoutSeconds: options.timeout,
+            interactive: options.interactive ?? false,
+          },
+          {
+            stdin: process.stdin,
+            stdout: process.stdout,
+            stderr: process.stderr,
+            log,
+            verbose: options.verbose ?? false,
+            progress: progressReporter({ force: options.verbose }),
+          },
+          { backend, ensureImage: ensureDefaultImage, bootTimeoutMs },
+          signal,
+        ).then((result) => result.exitCode),
+      );
+    });
+}

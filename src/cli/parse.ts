@@ -1,0 +1,27 @@
+import { InvalidArgumentError } from 'commander';
+
+/** `--memory`: a size with a K/M/G suffix (binary units), or a bare number of MiB. Returns MiB. */
+export function parseMemory(value: string): number {
+  const match = /^(\d+)([KMG]?)(i?B)?$/i.exec(value.trim());
+  if (!match) throw new InvalidArgumentError(`'${value}' is not a size (examples: 512M, 2G, 1024)`);
+  const amount = Number(match[1]);
+  const unit = match[2].toUpperCase();
+  const mib = unit === 'K' ? amount / 1024 : unit === 'G' ? amount * 1024 : amount;
+  if (!Number.isInteger(mib)) throw new InvalidArgumentError(`'${value}' is not a whole number of MiB`);
+  if (mib < 64) throw new InvalidArgumentError(`'${value}' is too small: the guest needs at least 64M`);
+  if (mib > 1024 * 1024) throw new InvalidArgumentError(`'${value}' is more than 1T`);
+  return mib;
+}
+
+export function parseIntegerIn(min: number, max: number): (value: string) => number {
+  return (value) => {
+    if (!/^\d+$/.test(value.trim())) throw new InvalidArgumentError(`'${value}' is not a whole number`);
+    const number = Number(value);
+    if (number < min || number > max) throw new InvalidArgumentError(`'${value}' is not between ${min} and ${max}`);
+    return number;
+  };
+}
+
+export function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}

@@ -1,0 +1,46 @@
+import { Command } from 'commander';
+import { listVms, stopVm } from '../state/registry.js';
+import { MvmError } from '../errors.js';
+
+function age(startedAt: string): string {
+  const seconds = Math.max(0, Math.round((Date.now() - Date.parse(startedAt)) / 1000));
+  if (seconds < 120) return `${seconds}s`;
+  if (seconds < 7200) return `${Math.round(seconds / 60)}m`;
+  return `${Math.round(seconds / 3600)}h`;
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0].map((_, column) => Math.max(...rows.map((row) => row[column].length)));
+  return rows.map((row) => row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]))).join('  ')).join('\n') + '\n';
+}
+
+export function lsCommand(): Command {
+  return new Command('ls')
+    .description('list running microVMs (and clean up after runs that were killed)')
+    .option('--json', 'print JSON instead of a table')
+    .action(async (options: { json?: boolean }) => {
+      const vms = await listVms();
+      if (options.json) {
+        const out = vms.map(({ name, backend, command, startedAt, ownerPid, vmmPid, vmmRunning }) => ({ name, backend, command, startedAt, ownerPid, vmmPid, vmmRunning }));
+        process.stdout.write(JSON.stringify(out, null, 2) + '\n');
+        return;
+      }
+      const rows = [['NAME', 'BACKEND', 'PID', 'AGE', 'COMMAND']];
+      for (const vm of vms) rows.push([vm.name, vm.backend, String(vm.ownerPid), age(vm.startedAt), vm.command.join(' ')]);
+      process.stdout.write(table(rows));
+    });
+}
+
+export function downCommand(): Command {
+  return new Command('down')
+    .description('stop running microVMs')
+    .argument('[names...]', 'VM names, as `mvmctl ls` shows them')
+    .option('--all', 'stop every running VM')
+    .action(async (names: string[], options: { all?: boolean }) => {
+      if (options.all && names.length > 0) throw new MvmError('give VM names or --all, not both');
+      if (!options.all && names.length === 0) throw new MvmError('name the VMs to stop (see `mvmctl ls`), or pass --all');
+      const targets = options.all ? (await listVms()).map((vm) => vm.name) : names;
+      await Promise.all(targets.map((name) => stopVm(name)));
+      for (const name of targets) process.stdout.write(`${name}\n`);
+    });
+}

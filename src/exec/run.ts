@@ -1,0 +1,208 @@
+import type { Readable, Writable } from 'node:stream';
+import { finished } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Backend, RunningVm } from '../backends/types.js';
+import { MvmError } from '../errors.js';
+import type { GuestImage } from '../image/index.js';
+import type { Progress } from '../progress.js';
+import { AgentSession, exitStatusToCode, type ExitStatus } from '../protocol/index.js';
+import { createVmDir, newVmName, processStartTicks, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
+
+export interface ExecRequest {
+  argv: string[];
+  env: Record<string, string>;
+  /** Working directory in the guest; `/` when absent. */
+  cwd?: string;
+  /** Create `cwd` in the guest when it is missing (launch plans' working_dir). */
+  createCwd?: boolean;
+  cpus: number;
+  memoryMiB: number;
+  timeoutSeconds: number;
+  /** Forward `io.stdin` to the command; otherwise its stdin is /dev/null. */
+  interactive: boolean;
+}
+
+export interface ExecIo {
+  stdin: Readable;
+  stdout: Writable;
+  stderr: Writable;
+  /** Diagnostics for the user (one line each, no trailing newline): warnings, and with -v timings and the console. */
+  log: (line: string) => void;
+  verbose: boolean;
+  progress: Progress;
+}
+
+export interface ExecDeps {
+  backend: Backend;
+  ensureImage: (options: { progress: Progress; signal: AbortSignal }) => Promise<GuestImage>;
+  /** How long the guest may take from VMM start to the agent's answer. */
+  bootTimeoutMs: number;
+}
+
+export interface ExecResult {
+  exitCode: number;
+  status: ExitStatus;
+}
+
+/** Grace the host gives the agent to report its own deadline before it kills the whole VM. */
+const HOST_DEADLINE_GRACE_MS = 5_000;
+/** How long a powered-off guest may take to end its VMM before it is killed. */
+const POWEROFF_WAIT_MS = 5_000;
+
+/**
+ * Runs one command in a fresh microVM and tears the VM down whatever happens. Aborting `signal`
+ * (Ctrl-C, SIGTERM, `mvmctl down`) kills the VM and rejects with the signal's reason.
+ */
+export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: ExecDeps, signal: AbortSignal): Promise<ExecResult> {
+  const timings = new Timings(io);
+  const image = await deps.ensureImage({ progress: io.progress, signal });
+  timings.mark('image ready');
+
+  const name = newVmName();
+  const runDir = await createVmDir(name);
+  let vm: RunningVm | undefined;
+  try {
+    const record: VmRecord = {
+      name,
+      backend: deps.backend.name,
+      command: request.argv,
+      startedAt: new Date().toISOString(),
+      ownerPid: process.pid,
+      ownerStartTicks: processStartTicks(process.pid) ?? 0,
+      runDir,
+    };
+    await writeVmRecord(record);
+
+    const capabilities = deps.backend.capabilities();
+    if (!capabilities.kvm && process.env.MVM_NO_TCG_WARNING !== '1') {
+      io.log('no usable /dev/kvm: emulating the CPU with QEMU TCG, which is much slower than KVM');
+    }
+    vm = await deps.backend.start(
+      {
+        name,
+        runDir,
+        kernel: image.kernel,
+        initrd: image.initrd,
+        kernelArgs: image.kernelArgs,
+        cpus: request.cpus,
+        memoryMiB: request.memoryMiB,
+        drives: [],
+        onConsoleLine: io.verbose ? (line) => io.log(`[console] ${line}`) : undefined,
+      },
+      signal,
+    );
+    await writeVmRecord({ ...record, vmmPid: vm.vmmPid, vmmStartTicks: processStartTicks(vm.vmmPid) });
+    timings.mark('VMM started');
+
+    const session = await bootAgent(vm, deps.bootTimeoutMs, signal);
+    timings.mark(`agent ready (${session.agentVersion})`);
+
+    const status = await runCommand(session, vm, request, io, signal);
+    timings.mark('command finished');
+
+    await powerOff(session, vm);
+    timings.mark('VM stopped');
+    return { exitCode: exitStatusToCode(status), status };
+  } finally {
+    await vm?.kill();
+    await removeVmDir(runDir);
+  }
+}
+
+/** Connects to the agent, failing with the console's last lines when the guest dies or hangs first. */
+async function bootAgent(vm: RunningVm, bootTimeoutMs: number, signal: AbortSignal): Promise<AgentSession> {
+  const boot = new AbortController();
+  const onAbort = () => boot.abort(signal.reason);
+  signal.addEventListener('abort', onAbort, { once: true });
+  const timer = setTimeout(() => boot.abort(new BootTimeout()), bootTimeoutMs);
+  const vmDied = vm.exited.then(() => {
+    throw new MvmError('the guest stopped during boot (kernel panic or bad image?)', 125, vm.consoleTail(20));
+  });
+  try {
+    return await Promise.race([
+      (async () => AgentSession.connect(await vm.connectAgent(boot.signal), { signal: boot.signal }))(),
+      vmDied,
+    ]);
+  } catch (error) {
+    if (signal.aborted) throw signal.reason;
+    if (boot.signal.reason instanceof BootTimeout) {
+      throw new MvmError(
+        `the guest agent did not answer within ${Math.round(bootTimeoutMs / 1000)} s of boot (raise MVM_BOOT_TIMEOUT if the host is very slow)`,
+        125,
+        vm.consoleTail(20),
+      );
+    }
+    throw error;
+  } finally {
+    clearTimeout(timer);
+    signal.removeEventListener('abort', onAbort);
+    vmDied.catch(() => {});
+  }
+}
+
+class BootTimeout extends Error {}
+
+async function runCommand(session: AgentSession, vm: RunningVm, request: ExecRequest, io: ExecIo, signal: AbortSignal): Promise<ExitStatus> {
+  const handle = await session.exec({
+    argv: request.argv,
+    env: request.env,
+    cwd: request.cwd,
+    mkdirCwd: request.createCwd,
+    timeoutMs: request.timeoutSeconds * 1000,
+    stdin: request.interactive,
+    signal,
+  });
+  handle.stdout.pipe(io.stdout, { end: false });
+  handle.stderr.pipe(io.stderr, { end: false });
+  if (handle.stdin) io.stdin.pipe(handle.stdin);
+
+  let hostDeadline: NodeJS.Timeout | undefined;
+  const deadlinePassed = new Promise<ExitStatus>((resolve) => {
+    hostDeadline = setTimeout(() => {
+      void vm.kill();
+      resolve({ kind: 'timedOut', code: 9, message: 'the guest missed its deadline; the VM was killed' });
+    }, request.timeoutSeconds * 1000 + HOST_DEADLINE_GRACE_MS);
+  });
+  const vmDied = vm.exited.then((): never => {
+    throw new MvmError('the VM stopped before the command finished (guest crash?)', 125, vm.consoleTail(20));
+  });
+  try {
+    const status = await Promise.race([handle.exit, deadlinePassed, vmDied]);
+    if (status.kind !== 'timedOut') await Promise.all([finished(handle.stdout), finished(handle.stderr)]);
+    if (status.kind === 'spawnFailed') io.log(status.message);
+    if (status.kind === 'timedOut') io.log(`command timed out after ${request.timeoutSeconds} s`);
+    return status;
+  } finally {
+    clearTimeout(hostDeadline);
+    vmDied.catch(() => {});
+    if (handle.stdin) io.stdin.unpipe(handle.stdin);
+  }
+}
+
+/**
+ * Asks the agent to power off only after EXIT has arrived: virtio-serial drops data the guest wrote
+ * just before it stops (shared notes, pitfall 4). A guest that does not stop in time is killed.
+ */
+async function powerOff(session: AgentSession, vm: RunningVm): Promise<void> {
+  try {
+    await Promise.race([session.poweroff(), sleep(POWEROFF_WAIT_MS)]);
+  } catch {
+    // The VM is killed below anyway; a failed power-off request changes nothing for the user.
+  }
+  session.close();
+  await Promise.race([vm.exited, sleep(POWEROFF_WAIT_MS)]);
+}
+
+class Timings {
+  private readonly start = performance.now();
+  private last = this.start;
+
+  constructor(private readonly io: ExecIo) {}
+
+  mark(what: string): void {
+    if (!this.io.verbose) return;
+    const now = performance.now();
+    this.io.log(`[timing] ${what}: +${((now - this.last) / 1000).toFixed(3)} s (${((now - this.start) / 1000).toFixed(3)} s total)`);
+    this.last = now;
+  }
+}

@@ -1,0 +1,185 @@
+// End to end: real mvmctl, real QEMU (TCG on machines without KVM), real kernel, real guest agent.
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { existsSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { collect, isolatedEnv, mvmctl, startMvmctl, vmmPidsMentioning, waitForOutput } from './helpers.js';
+
+const { env, stateDir, cleanup } = isolatedEnv();
+const vmsDir = join(stateDir, 'vms');
+
+function runningVmDirs(): string[] {
+  return existsSync(vmsDir) ? readdirSync(vmsDir) : [];
+}
+
+async function assertNothingLeft(): Promise<void> {
+  // The VMM is killed before mvmctl exits; give the kernel a moment to reap it.
+  for (let i = 0; i < 50 && vmmPidsMentioning(stateDir).length > 0; i++) await sleep(100);
+  assert.deepEqual(vmmPidsMentioning(stateDir), [], 'no VMM process may outlive its run');
+  assert.deepEqual(runningVmDirs(), [], 'no state dir may outlive its run');
+}
+
+after(cleanup);
+
+describe('mvmctl exec', () => {
+  before(async () => {
+    // Builds the default image if a previous step has not (scripts/setup does, before the tests).
+    const result = await mvmctl(['image', 'build'], env);
+    assert.equal(result.code, 0, result.stderr);
+  });
+
+  test('uname -a prints the guest kernel, exit 0 (spec example)', async () => {
+    const result = await mvmctl(['exec', '--', 'uname', '-a'], env);
+    assert.equal(result.code, 0, result.stderr);
+    assert.match(result.stdout.toString(), /^Linux .*-micro/);
+    await assertNothingLeft();
+  });
+
+  test('/bin/true exits 0 with no output (spec example)', async () => {
+    const result = await mvmctl(['exec', '--', '/bin/true'], env);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout.length, 0);
+    assert.equal(result.stderr, '');
+  });
+
+  test('stdout and stderr stay apart', async () => {
+    const result = await mvmctl(['exec', '--', 'sh', '-c', 'echo to-out; echo to-err >&2; echo more-out'], env);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout.toString(), 'to-out\nmore-out\n');
+    assert.equal(result.stderr, 'to-err\n');
+  });
+
+  test('exit codes: the command’s own, 128+N on a signal, 126, 127', async () => {
+    const cases: [string[], number][] = [
+      [['sh', '-c', 'exit 1'], 1],
+      [['sh', '-c', 'exit 7'], 7],
+      [['sh', '-c', 'kill -9 $$'], 137],
+      [['/etc/passwd'], 126],
+      [['no-such-command-here'], 127],
+    ];
+    const results = await Promise.all(cases.map(([argv]) => mvmctl(['exec', '--', ...argv], env)));
+    results.forEach((result, index) => assert.equal(result.code, cases[index][1], `${cases[index][0].join(' ')}: ${result.stderr}`));
+    assert.match(results[4].stderr, /no-such-command-here/);
+    await assertNothingLeft();
+  });
+
+  test('environment and exact argv (spaces, quotes, $, unicode, empty strings)', async () => {
+    const args = ['a b', '"quoted"', "it's", '$HOME', 'ünïcødé ✓', '', '*'];
+    const result = await mvmctl(['exec', '-e', 'FOO=bar', '--env', 'BAZ=qux=1', '--', 'sh', '-c', 'echo "$FOO|$BAZ"; printf "[%s]\\n" "$@"', 'sh', ...args], env);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout.toString(), `bar|qux=1\n${args.map((arg) => `[${arg}]\n`).join('')}`);
+  });
+
+  test('stdin is forwarded with -i (EOF included) and never read without it', async () => {
+    const withI = await mvmctl(['exec', '-i', '--', 'sh', '-c', 'cat; echo done'], env, 'line one\nline two\n');
+    assert.equal(withI.code, 0, withI.stderr);
+    assert.equal(withI.stdout.toString(), 'line one\nline two\ndone\n');
+    const withoutI = await mvmctl(['exec', '--', 'sh', '-c', 'cat; echo done'], env, 'must not arrive\n');
+    assert.equal(withoutI.code, 0, withoutI.stderr);
+    assert.equal(withoutI.stdout.toString(), 'done\n');
+  });
+
+  test('output streams live: the first line arrives while the command still runs', async () => {
+    const child = startMvmctl(['exec', '--', 'sh', '-c', 'echo first; sleep 4; echo second'], env);
+    const done = collect(child);
+    await waitForOutput(child, 'first\n');
+    const firstAt = performance.now();
+    const result = await done;
+    assert.equal(result.code, 0, result.stderr);
+    assert.ok(performance.now() - firstAt >= 3500, 'the first line must arrive before the sleep ends');
+    assert.equal(result.stdout.toString(), 'first\nsecond\n');
+  });
+
+  test('100 MB of binary stdout arrives byte-exact', async () => {
+    const result = await mvmctl(
+      ['exec', '--', 'sh', '-c', 'head -c 100000000 /dev/urandom | tee /tmp/out | sha256sum >&2'],
+      env,
+    );
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout.length, 100_000_000);
+    const guestSum = result.stderr.split(/\s+/)[0];
+    assert.equal(createHash('sha256').update(result.stdout).digest('hex'), guestSum);
+  });
+
+  test('--timeout expiry exits 124 soon after the deadline and tears down', async () => {
+    const result = await mvmctl(['exec', '--timeout', '3', '--', 'sleep', '100'], env);
+    assert.equal(result.code, 124, result.stderr);
+    assert.match(result.stderr, /timed out after 3 s/);
+    await assertNothingLeft();
+  });
+
+  for (const [signal, code] of [['SIGINT', 130], ['SIGTERM', 143], ['SIGHUP', 129]] as const) {
+    test(`${signal} to mvmctl tears the VM down and exits ${code}`, async () => {
+      const child = startMvmctl(['exec', '--', 'sh', '-c', 'echo ready; sleep 100'], env);
+      const done = collect(child);
+      await waitForOutput(child, 'ready');
+      assert.equal(vmmPidsMentioning(stateDir).length, 1);
+      child.kill(signal);
+      const result = await done;
+      assert.equal(result.code, code, result.stderr);
+      await assertNothingLeft();
+    });
+  }
+
+  test('SIGKILL of mvmctl: the VMM dies with it and the next ls reaps its state', async () => {
+    const child = startMvmctl(['exec', '--', 'sh', '-c', 'echo ready; sleep 100'], env);
+    const done = collect(child);
+    await waitForOutput(child, 'ready');
+    child.kill('SIGKILL');
+    await done;
+    for (let i = 0; i < 50 && vmmPidsMentioning(stateDir).length > 0; i++) await sleep(100);
+    assert.deepEqual(vmmPidsMentioning(stateDir), []);
+    assert.equal(runningVmDirs().length, 1, 'the killed run left its state dir');
+    const ls = await mvmctl(['ls', '--json'], env);
+    assert.equal(ls.code, 0, ls.stderr);
+    assert.deepEqual(JSON.parse(ls.stdout.toString()), []);
+    await assertNothingLeft();
+  });
+
+  test('4 concurrent execs all succeed', async () => {
+    const results = await Promise.all([1, 2, 3, 4].map((n) => mvmctl(['exec', '--cpus', '1', '--', 'sh', '-c', `echo vm ${n}`], env)));
+    results.forEach((result, index) => {
+      assert.equal(result.code, 0, result.stderr);
+      assert.equal(result.stdout.toString(), `vm ${index + 1}\n`);
+    });
+    await assertNothingLeft();
+  });
+
+  test('ls shows a running exec and down stops it', async () => {
+    const child = startMvmctl(['exec', '--', 'sh', '-c', 'echo ready; sleep 100'], env);
+    const done = collect(child);
+    await waitForOutput(child, 'ready');
+    const ls = await mvmctl(['ls', '--json'], env);
+    const vms = JSON.parse(ls.stdout.toString()) as { name: string; command: string[]; vmmRunning: boolean }[];
+    assert.equal(vms.length, 1);
+    assert.match(vms[0].name, /^exec-[0-9a-f]+-[0-9a-f]+$/);
+    assert.deepEqual(vms[0].command, ['sh', '-c', 'echo ready; sleep 100']);
+    assert.equal(vms[0].vmmRunning, true);
+    const table = await mvmctl(['ls'], env);
+    assert.match(table.stdout.toString(), new RegExp(`^NAME .*\\n${vms[0].name} `));
+    const down = await mvmctl(['down', vms[0].name], env);
+    assert.equal(down.code, 0, down.stderr);
+    assert.equal((await done).code, 143);
+    await assertNothingLeft();
+  });
+
+  test('bad input: one line, exit 125, no VM started', async () => {
+    const cases = [
+      ['exec', '--memory', 'lots', '--', 'true'],
+      ['exec', '--cpus', '0', '--', 'true'],
+      ['exec', '-e', '1BAD=x', '--', 'true'],
+      ['exec', '--backend', 'nope', '--', 'true'],
+      ['exec', '--backend', 'firecracker', '--', 'true'],
+      ['exec'],
+      ['exec', '--no-such-flag', '--', 'true'],
+    ];
+    for (const args of cases) {
+      const result = await mvmctl(args, env);
+      assert.equal(result.code, 125, `${args.join(' ')}: ${result.stderr}`);
+      assert.match(result.stderr, /^mvmctl: [^\n]+\n$/, `${args.join(' ')}: ${result.stderr}`);
+      assert.deepEqual(runningVmDirs(), []);
+    }
+  });
+});

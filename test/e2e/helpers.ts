@@ -1,0 +1,89 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The repository root: compiled tests live in dist/test/e2e/. */
+export const repoRoot = fileURLToPath(new URL('../../../', import.meta.url));
+export const mvmctlBin = join(repoRoot, 'bin', 'mvmctl');
+
+export interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: Buffer;
+  stderr: string;
+  /** Wall seconds from spawn to exit. */
+  seconds: number;
+}
+
+/**
+ * Each test file gets its own state dir, so `ls`/`down` and the leftover checks see only its VMs.
+ * The image cache is shared (building it is the expensive part, done once by `mvmctl image build`).
+ */
+export function isolatedEnv(): { env: NodeJS.ProcessEnv; stateDir: string; cleanup: () => void } {
+  const stateDir = mkdtempSync(join(tmpdir(), 'mvm-e2e-state-'));
+  return {
+    env: { ...process.env, MVM_STATE_DIR: stateDir, MVM_NO_TCG_WARNING: '1' },
+    stateDir,
+    cleanup: () => rmSync(stateDir, { recursive: true, force: true }),
+  };
+}
+
+export function startMvmctl(args: string[], env: NodeJS.ProcessEnv, stdin: 'ignore' | 'pipe' = 'ignore'): ChildProcess {
+  return spawn(mvmctlBin, args, { env, stdio: [stdin, 'pipe', 'pipe'] });
+}
+
+export function collect(child: ChildProcess, input?: Buffer | string): Promise<RunResult> {
+  const started = performance.now();
+  const stdout: Buffer[] = [];
+  const stderr: Buffer[] = [];
+  child.stdout!.on('data', (chunk: Buffer) => stdout.push(chunk));
+  child.stderr!.on('data', (chunk: Buffer) => stderr.push(chunk));
+  if (input !== undefined) child.stdin!.end(input);
+  return new Promise((resolve) => {
+    child.on('close', (code, signal) =>
+      resolve({
+        code,
+        signal,
+        stdout: Buffer.concat(stdout),
+        stderr: Buffer.concat(stderr).toString('utf8'),
+        seconds: (performance.now() - started) / 1000,
+      }),
+    );
+  });
+}
+
+export function mvmctl(args: string[], env: NodeJS.ProcessEnv, input?: Buffer | string): Promise<RunResult> {
+  return collect(startMvmctl(args, env, input === undefined ? 'ignore' : 'pipe'), input);
+}
+
+/** Resolves when `text` has appeared on the child's stdout. */
+export function waitForOutput(child: ChildProcess, text: string, timeoutMs = 120_000): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let seen = '';
+    const timer = setTimeout(() => reject(new Error(`timed out waiting for ${JSON.stringify(text)}; saw ${JSON.stringify(seen)}`)), timeoutMs);
+    child.stdout!.on('data', (chunk: Buffer) => {
+      seen += chunk.toString('utf8');
+      if (seen.includes(text)) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+  });
+}
+
+/** PIDs of VMM processes whose command line mentions `marker` (a VM's state dir, say). */
+export function vmmPidsMentioning(marker: string): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const cmdline = readFileSync(`/proc/${entry}/cmdline`, 'utf8');
+      if (cmdline.includes('qemu-system') && cmdline.includes(marker)) pids.push(Number(entry));
+    } catch {
+      // exited while we looked
+    }
+  }
+  return pids;
+}
