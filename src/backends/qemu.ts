@@ -24,7 +24,7 @@ function kvmUsable(): boolean {
  * Under TCG the guest's TSC runs at the host's rate, and microvm has no other clock to calibrate
  * it against: without this hint boot hangs about one time in eight (shared notes, pitfall 1).
  */
-function hostTscKhz(): number | undefined {
+export function hostTscKhz(): number | undefined {
   try {
     const match = /^cpu MHz\s*:\s*([\d.]+)/m.exec(readFileSync('/proc/cpuinfo', 'utf8'));
     return match ? Math.round(Number(match[1]) * 1000) : undefined;

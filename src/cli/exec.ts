@@ -3,7 +3,7 @@ import { BACKEND_CHOICES, selectBackend, type BackendChoice } from '../backends/
 import { MvmError } from '../errors.js';
 import { execInMicroVm } from '../exec/run.js';
 import { ensureDefaultImage } from '../image/index.js';
-import { mergeEnv, parseEnvAssignment } from '../launchplan/env.js';
+import { loadLaunchPlan, mergeEnv, parseEnvAssignment, type LaunchPlan } from '../launchplan/index.js';
 import { progressReporter } from '../progress.js';
 import { collect, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
@@ -16,6 +16,7 @@ interface ExecOptions {
   interactive?: boolean;
   backend: BackendChoice;
   verbose?: boolean;
+  launchPlan?: string;
 }
 
 const DEFAULT_BOOT_TIMEOUT_S = 60;
@@ -32,18 +33,29 @@ export function execCommand(): Command {
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
     .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES).default('auto'))
     .option('-v, --verbose', 'show the guest console and timings on stderr')
+    .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
     .passThroughOptions()
     .action(async (argv: string[], options: ExecOptions) => {
-      const env = mergeEnv(Object.fromEntries(options.env.map(parseEnvAssignment)));
-      if (argv.length === 0) throw new MvmError('no command given: usage is mvmctl exec [options] -- CMD [ARGS...]');
+      const cliEnv = Object.fromEntries(options.env.map(parseEnvAssignment));
+      let plan: LaunchPlan | undefined;
+      if (options.launchPlan !== undefined) {
+        if (argv.length > 0) throw new MvmError('--launch-plan supplies the command: give either it or a command after --, not both');
+        plan = await loadLaunchPlan(options.launchPlan);
+      } else if (argv.length === 0) {
+        throw new MvmError('no command given: usage is mvmctl exec [options] -- CMD [ARGS...] (or --launch-plan PATH)');
+      }
       const backend = selectBackend(options.backend);
       const log = (line: string) => process.stderr.write(`mvmctl: ${line}\n`);
+      if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
       const bootTimeoutMs = Number(process.env.MVM_BOOT_TIMEOUT || DEFAULT_BOOT_TIMEOUT_S) * 1000;
       process.exitCode = await runInterruptibly((signal) =>
         execInMicroVm(
           {
-            argv,
-            env,
+            argv: plan?.argv ?? argv,
+            // Lowest to highest precedence: the plan's env (app/top-level < entrypoint), then -e.
+            env: mergeEnv(plan?.env ?? {}, cliEnv),
+            cwd: plan?.cwd,
+            createCwd: plan !== undefined,
             cpus: options.cpus,
             memoryMiB: options.memory,
             timeoutSeconds: options.timeout,

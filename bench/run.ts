@@ -1,0 +1,187 @@
+// `npm run bench`: mvmctl against baselines measured side by side in the same run (runs interleaved,
+// medians), because these machines are shared and TCG speed drifts ±30 % from run to run.
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { QemuBackend, agentSocketPath, hostTscKhz, qemuArgs } from '../src/backends/qemu.js';
+import { writeCpio } from '../src/image/cpio.js';
+import { ensureDefaultImage, type GuestImage } from '../src/image/index.js';
+import { AgentSession } from '../src/protocol/index.js';
+
+const repoRoot = fileURLToPath(new URL('../../', import.meta.url));
+const mvmctl = join(repoRoot, 'bin', 'mvmctl');
+const RUNS = Number(process.env.BENCH_RUNS || 7);
+const MEMORY_MIB = 512;
+const CPUS = 2;
+const THROUGHPUT_BYTES = 100_000_000;
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+}
+
+function run(command: string, args: string[], env: NodeJS.ProcessEnv = process.env, onStdout?: (chunk: Buffer) => void): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { env, stdio: ['ignore', 'pipe', 'inherit'] });
+    child.stdout.on('data', (chunk: Buffer) => onStdout?.(chunk));
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolve(code) : reject(new Error(`${command} ${args.join(' ')} exited ${code}`))));
+  });
+}
+
+async function timed(work: () => Promise<unknown>): Promise<number> {
+  const start = performance.now();
+  await work();
+  return (performance.now() - start) / 1000;
+}
+
+/** A bare initramfs: busybox and an init that runs `script`, then reboots (ends QEMU under -no-reboot). */
+function bareInitramfs(script: string): Buffer {
+  const busybox = readFileSync('/bin/busybox');
+  return writeCpio([
+    { type: 'dir', path: 'dev' },
+    { type: 'char', path: 'dev/console', major: 5, minor: 1, mode: 0o600 },
+    { type: 'dir', path: 'bin' },
+    { type: 'dir', path: 'proc' },
+    { type: 'dir', path: 'sys' },
+    { type: 'dir', path: 'tmp' },
+    { type: 'file', path: 'bin/busybox', data: busybox, mode: 0o755 },
+    { type: 'symlink', path: 'bin/sh', target: 'busybox' },
+    { type: 'file', path: 'init', data: Buffer.from(`#!/bin/busybox sh\n/bin/busybox --install -s /bin\n${script}\nreboot -f\n`), mode: 0o755 },
+  ]);
+}
+
+function bareQemu(image: GuestImage, initrd: string, runDir: string): string[] {
+  const args = qemuArgs(
+    { name: 'bench', runDir, kernel: image.kernel, initrd, kernelArgs: ['quiet', 'rdinit=/init'], cpus: CPUS, memoryMiB: MEMORY_MIB, drives: [] },
+    { kvm: new QemuBackend().capabilities().kvm, tscKhz: hostTscKhz() },
+  );
+  return args;
+}
+
+async function coldExec(image: GuestImage, work: string): Promise<void> {
+  const initrd = join(work, 'true.cpio');
+  await writeFile(initrd, bareInitramfs('/bin/true'));
+  const env = { ...process.env, MVM_STATE_DIR: join(work, 'state'), MVM_NO_TCG_WARNING: '1' };
+  const exec: number[] = [];
+  const bare: number[] = [];
+  for (let i = 0; i < RUNS; i++) {
+    exec.push(await timed(() => run(mvmctl, ['exec', '--cpus', String(CPUS), '--memory', `${MEMORY_MIB}M`, '--', 'true'], env)));
+    bare.push(await timed(() => run('qemu-system-x86_64', bareQemu(image, initrd, work))));
+  }
+  report('mvmctl exec -- true (wall s)', median(exec), 'bare QEMU boot running true', median(bare), 1.1);
+}
+
+/** VMM start to the agent's HELLO answer, through the product's own backend and session. */
+async function timeToHello(image: GuestImage, work: string): Promise<void> {
+  const samples: number[] = [];
+  for (let i = 0; i < RUNS; i++) {
+    const runDir = await mkdtemp(join(work, 'vm-'));
+    const abort = new AbortController();
+    const vm = await new QemuBackend().start(
+      { name: `bench-${i}`, runDir, kernel: image.kernel, initrd: image.initrd, kernelArgs: image.kernelArgs, cpus: CPUS, memoryMiB: MEMORY_MIB, drives: [] },
+      abort.signal,
+    );
+    const start = performance.now();
+    const session = await AgentSession.connect(await vm.connectAgent(abort.signal), { signal: abort.signal });
+    samples.push((performance.now() - start) / 1000);
+    session.close();
+    await vm.kill();
+  }
+  console.log(`VMM start -> agent hello: median ${median(samples).toFixed(3)} s over ${RUNS} runs`);
+}
+
+async function throughput(image: GuestImage, work: string): Promise<void> {
+  const env = { ...process.env, MVM_STATE_DIR: join(work, 'state'), MVM_NO_TCG_WARNING: '1' };
+  const initrd = join(work, 'raw.cpio');
+  // The raw channel: the guest's init writes the same bytes straight into the virtio-serial port.
+  await writeFile(
+    initrd,
+    bareInitramfs(
+      [
+        'mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev',
+        `head -c ${THROUGHPUT_BYTES} /dev/zero > /tmp/big`,
+        'for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = org.mvm.agent ] && port=/dev/${p##*/}; done',
+        'cat /tmp/big > $port; sleep 2',
+      ].join('\n'),
+    ),
+  );
+  const viaExec: number[] = [];
+  const raw: number[] = [];
+  for (let i = 0; i < Math.min(RUNS, 5); i++) {
+    viaExec.push(await streamRate((onData) =>
+      run(mvmctl, ['exec', '--', 'sh', '-c', `head -c ${THROUGHPUT_BYTES} /dev/zero > /tmp/big && cat /tmp/big`], env, onData),
+    ));
+    raw.push(await rawChannelRate(image, initrd, work));
+  }
+  report('stdout of cat via mvmctl exec (MB/s)', median(viaExec), 'raw virtio-serial channel', median(raw), undefined);
+}
+
+/** MB/s from the first byte to the last, so boot time does not count. */
+async function streamRate(start: (onData: (chunk: Buffer) => void) => Promise<unknown>): Promise<number> {
+  let first = 0;
+  let last = 0;
+  let bytes = 0;
+  await start((chunk) => {
+    if (!first) first = performance.now();
+    last = performance.now();
+    bytes += chunk.length;
+  });
+  return bytes / 1e6 / ((last - first) / 1000);
+}
+
+async function rawChannelRate(image: GuestImage, initrd: string, work: string): Promise<number> {
+  const runDir = await mkdtemp(join(work, 'raw-'));
+  const qemu = spawn('qemu-system-x86_64', bareQemu(image, initrd, runDir), { stdio: 'ignore' });
+  try {
+    return await streamRate(async (onData) => {
+      for (;;) {
+        try {
+          await new Promise<void>((resolve, reject) => {
+            const socket = connect(agentSocketPath(runDir));
+            socket.once('error', reject);
+            let received = 0;
+            socket.on('data', (chunk: Buffer) => {
+              onData(chunk);
+              received += chunk.length;
+              if (received >= THROUGHPUT_BYTES) {
+                socket.destroy();
+                resolve();
+              }
+            });
+            socket.on('close', () => resolve());
+          });
+          return;
+        } catch {
+          await new Promise((resolve) => setTimeout(resolve, 10));
+        }
+      }
+    });
+  } finally {
+    qemu.kill('SIGKILL');
+  }
+}
+
+function report(what: string, value: number, baselineName: string, baseline: number, target: number | undefined): void {
+  const ratio = value / baseline;
+  console.log(
+    `${what}: ${value.toFixed(3)} vs ${baselineName}: ${baseline.toFixed(3)} -> ratio ${ratio.toFixed(2)}` +
+      (target === undefined ? '' : ` (target <= ${target.toFixed(2)})`),
+  );
+}
+
+const work = await mkdtemp(join(tmpdir(), 'mvm-bench-'));
+try {
+  const image = await ensureDefaultImage({});
+  console.log(`mvmctl bench: ${RUNS} interleaved runs each, ${CPUS} vCPUs, ${MEMORY_MIB} MiB, KVM: ${new QemuBackend().capabilities().kvm}`);
+  await coldExec(image, work);
+  await timeToHello(image, work);
+  await throughput(image, work);
+} finally {
+  await rm(work, { recursive: true, force: true });
+}
