@@ -1,0 +1,550 @@
+import { randomBytes } from 'node:crypto';
+import { Readable, Writable, type Duplex } from 'node:stream';
+import {
+  ErrorCode,
+  EXIT_TIMED_OUT,
+  ExecFlag,
+  ExitKind,
+  HELLO_REPEAT_MS,
+  MAX_DATA,
+  MAX_SIGNAL,
+  MountFlag,
+  PROTOCOL_VERSION,
+  STDIN_WINDOW,
+} from './constants.js';
+import { encodeFrame, FrameDecoder, type AgentMessage, type HostMessage } from './codec.js';
+import {
+  AgentConnectionError,
+  AgentRequestError,
+  AgentVersionError,
+  ExecUnavailableError,
+  InvalidRequestError,
+  ProtocolError,
+  SessionAbortedError,
+} from './errors.js';
+
+/** How a command ended. `code` is the exit status, the signal number, or 126/127 for spawnFailed. */
+export interface ExitStatus {
+  kind: 'exited' | 'signaled' | 'timedOut' | 'spawnFailed';
+  code: number;
+  /** Why a spawn failed (e.g. `exec "foo": No such file or directory`); empty otherwise. */
+  message: string;
+}
+
+/** The status a shell would report: exited → code, signaled → 128 + signal, timedOut → 124, spawnFailed → 126/127. */
+export function exitStatusToCode(status: ExitStatus): number {
+  switch (status.kind) {
+    case 'exited':
+    case 'spawnFailed':
+      return status.code;
+    case 'signaled':
+      return 128 + status.code;
+    case 'timedOut':
+      return EXIT_TIMED_OUT;
+  }
+}
+
+const EXIT_KIND_NAMES: Record<ExitKind, ExitStatus['kind']> = {
+  [ExitKind.EXITED]: 'exited',
+  [ExitKind.SIGNALED]: 'signaled',
+  [ExitKind.TIMED_OUT]: 'timedOut',
+  [ExitKind.SPAWN_FAILED]: 'spawnFailed',
+};
+
+export interface ConnectOptions {
+  /** Aborting it at any time ends the whole session (the agent then kills a running command). */
+  signal?: AbortSignal;
+  /** Give up when the agent has not answered HELLO by then; default: wait (HELLO is repeated meanwhile). */
+  helloTimeoutMs?: number;
+}
+
+export interface ExecOptions {
+  /** Exact argv, run with execvp in the guest (no shell). */
+  argv: readonly string[];
+  /** Overlaid on the agent's base environment (PATH, HOME). */
+  env?: Readonly<Record<string, string>>;
+  /** Working directory; default `/`. */
+  cwd?: string;
+  /** Deadline after which the agent SIGKILLs the command's process group; default none. */
+  timeoutMs?: number;
+  /** Give the command a stdin stream; otherwise its stdin is /dev/null. */
+  stdin?: boolean;
+  /** Create `cwd` and its parents if missing. */
+  mkdirCwd?: boolean;
+  /** Aborting it ends the whole session, which kills the command. */
+  signal?: AbortSignal;
+}
+
+/**
+ * A command started by `exec`. Read `stdout` and `stderr` (or `resume()` them): while either is not
+ * being read the session stops reading the connection, which in the end stalls the command.
+ */
+export interface ExecHandle {
+  /** Guest pid; null when the command could not start (then `exit` is already settled with spawnFailed). */
+  readonly pid: number | null;
+  readonly stdout: Readable;
+  readonly stderr: Readable;
+  /** Present when `exec` asked for stdin; `end()` closes the command's stdin. Writes after exit are discarded. */
+  readonly stdin: Writable | null;
+  /** Settles after all output that came before EXIT has been pushed; rejects if the session fails first. */
+  readonly exit: Promise<ExitStatus>;
+  /** Sends `signo` (1–64) to the command's process group; a no-op once the command has ended. */
+  signal(signo: number): void;
+}
+
+/** Readable buffer per output stream; above it the session stops reading the transport. */
+const OUTPUT_HIGH_WATER_MARK = 256 * 1024;
+
+const noop = (): void => {};
+
+type AgentHello = Extract<AgentMessage, { type: 'hello' }>;
+
+/** A request awaiting its reply; the agent answers requests in the order it received them. */
+type Pending =
+  | { kind: 'hello'; resolve(msg: AgentHello): void; reject(err: Error): void }
+  | { kind: 'exec'; started(pid: number): void; spawnFailed(status: ExitStatus): void; reject(err: Error): void }
+  | { kind: 'ok'; resolve(): void; reject(err: Error): void };
+
+/** What a running command needs from its session. */
+interface RunLink {
+  send(msg: HostMessage): void;
+  /** The consumer of `r` wants more data, or will never read again. */
+  unstall(r: Readable): void;
+  /** The command is over (EXIT or failure): drop its streams' hold on the transport. */
+  settled(run: ExecRun): void;
+}
+
+class ExecRun implements ExecHandle {
+  readonly stdout: Readable;
+  readonly stderr: Readable;
+  readonly stdin: Writable | null;
+  readonly exit: Promise<ExitStatus>;
+  private resolveExit!: (status: ExitStatus) => void;
+  private rejectExit!: (err: Error) => void;
+  private done = false;
+  /** STDIN bytes sent and not yet acknowledged; at most STDIN_WINDOW. */
+  private unacked = 0;
+  /** Continuation of a stdin write blocked on a full window. */
+  private waitingForAck: (() => void) | null = null;
+
+  constructor(
+    readonly pid: number | null,
+    withStdin: boolean,
+    private readonly link: RunLink,
+  ) {
+    this.exit = new Promise<ExitStatus>((resolve, reject) => {
+      this.resolveExit = resolve;
+      this.rejectExit = reject;
+    });
+    // A caller that only reads the streams must not see an unhandled rejection, nor one that only
+    // awaits `exit` an unhandled 'error' event; both still see the error where they do look.
+    this.exit.catch(noop);
+    this.stdout = this.output();
+    this.stderr = this.output();
+    this.stdin = withStdin
+      ? new Writable({
+          highWaterMark: MAX_DATA,
+          write: (chunk: Buffer, _encoding, callback) => this.writeStdin(chunk, 0, callback),
+          final: (callback) => {
+            if (!this.done) this.link.send({ type: 'stdinEof' });
+            callback();
+          },
+        }).on('error', noop)
+      : null;
+  }
+
+  private output(): Readable {
+    const r: Readable = new Readable({ highWaterMark: OUTPUT_HIGH_WATER_MARK, read: () => this.link.unstall(r) });
+    return r.on('error', noop).on('close', () => this.link.unstall(r));
+  }
+
+  /** Sends `chunk` from `off` in frames of at most MAX_DATA, never exceeding the window. */
+  private writeStdin(chunk: Buffer, off: number, callback: () => void): void {
+    while (off < chunk.length && !this.done) {
+      const room = STDIN_WINDOW - this.unacked;
+      if (room === 0) {
+        this.waitingForAck = () => this.writeStdin(chunk, off, callback);
+        return;
+      }
+      const n = Math.min(room, MAX_DATA, chunk.length - off);
+      this.link.send({ type: 'stdin', data: chunk.subarray(off, off + n) });
+      this.unacked += n;
+      off += n;
+    }
+    // Once the command has ended its stdin is gone; what is still written is dropped, as a pipe
+    // whose reader exited would, but without failing the writer.
+    callback();
+  }
+
+  acknowledge(bytes: number): void {
+    if (bytes > this.unacked) throw new ProtocolError(`STDIN_ACK of ${bytes} bytes, but only ${this.unacked} are unacknowledged`);
+    this.unacked -= bytes;
+    this.continueStdin();
+  }
+
+  private continueStdin(): void {
+    const next = this.waitingForAck;
+    this.waitingForAck = null;
+    next?.();
+  }
+
+  /** Returns false when `r`'s consumer is behind, so the caller should stop reading the transport. */
+  deliver(stream: 'stdout' | 'stderr', data: Buffer): boolean {
+    const r = this[stream];
+    // A consumer that destroyed its stream will never read again: drop its output instead of
+    // stalling the transport for good.
+    if (r.destroyed) return true;
+    return r.push(data);
+  }
+
+  signal(signo: number): void {
+    if (!Number.isInteger(signo) || signo < 1 || signo > MAX_SIGNAL) {
+      throw new InvalidRequestError(`signal must be an integer from 1 to ${MAX_SIGNAL}, got ${signo}`);
+    }
+    if (!this.done) this.link.send({ type: 'signal', signo });
+  }
+
+  finish(status: ExitStatus): void {
+    this.done = true;
+    this.link.settled(this);
+    if (!this.stdout.destroyed) this.stdout.push(null);
+    if (!this.stderr.destroyed) this.stderr.push(null);
+    this.continueStdin();
+    this.resolveExit(status);
+  }
+
+  fail(err: Error): void {
+    this.done = true;
+    this.waitingForAck = null;
+    this.link.settled(this);
+    this.stdout.destroy(err);
+    this.stderr.destroy(err);
+    this.stdin?.destroy(err);
+    this.rejectExit(err);
+  }
+}
+
+function toExitStatus(msg: Extract<AgentMessage, { type: 'exit' }>): ExitStatus {
+  return { kind: EXIT_KIND_NAMES[msg.kind], code: msg.code, message: msg.message };
+}
+
+/**
+ * One connection to a guest agent over any byte stream (unix socket, vsock-over-unix, virtio port).
+ * Create it with `AgentSession.connect`. Any protocol violation, transport failure or abort ends the
+ * session: every pending operation and a running command's `exit` reject with a typed error, and the
+ * stream is destroyed.
+ */
+export class AgentSession {
+  private readonly decoder = new FrameDecoder();
+  private readonly pending: Pending[] = [];
+  private hello: AgentHello | null = null;
+  /** The command between STARTED and EXIT. */
+  private current: ExecRun | null = null;
+  /** An EXEC has been sent or is running: the agent runs one command at a time. */
+  private execBusy = false;
+  /** Output streams whose consumer is behind; the transport is paused while any is. */
+  private readonly stalled = new Set<Readable>();
+  private transportPaused = false;
+  private failure: Error | null = null;
+  /** Removes the abort listeners still registered. */
+  private readonly cleanups = new Set<() => void>();
+
+  private constructor(private readonly stream: Duplex) {
+    if (stream.destroyed || stream.readableEnded) this.fail(new AgentConnectionError('the connection to the guest agent is already closed'));
+    stream.on('data', (chunk: Buffer) => this.onData(chunk));
+    stream.on('end', () => this.fail(new AgentConnectionError('the guest agent closed the connection')));
+    stream.on('close', () => this.fail(new AgentConnectionError('the connection to the guest agent closed')));
+    stream.on('error', (err: Error) =>
+      this.fail(new AgentConnectionError(`the connection to the guest agent failed: ${err.message}`, { cause: err })),
+    );
+  }
+
+  /** Sends HELLO (repeated every 250 ms until answered) and resolves once the agent has answered it. */
+  static async connect(stream: Duplex, options: ConnectOptions = {}): Promise<AgentSession> {
+    const session = new AgentSession(stream);
+    if (options.signal) session.abortOn(options.signal);
+    await session.greet(options.helloTimeoutMs);
+    return session;
+  }
+
+  /** The agent's self-description from its HELLO, e.g. `mvm-agent 0.1.0`. */
+  get agentVersion(): string {
+    return this.hello!.agentVersion;
+  }
+
+  get capabilities(): number {
+    return this.hello!.capabilities;
+  }
+
+  /** `bit` is one of `Capability`. */
+  hasCapability(bit: number): boolean {
+    return (this.capabilities & bit) === bit;
+  }
+
+  /**
+   * Starts a command. Resolves once the agent has answered: with a running command after STARTED,
+   * or, when the command could not start, with a handle whose `exit` is already settled
+   * (spawnFailed, 126/127). Rejects with ExecUnavailableError when the image's agent has no dev shell.
+   */
+  async exec(options: ExecOptions): Promise<ExecHandle> {
+    this.checkOpen();
+    if (this.execBusy) throw new InvalidRequestError('a command is already running in this guest agent session');
+    const frame = encodeFrame({
+      type: 'exec',
+      timeoutMs: options.timeoutMs === undefined ? 0 : Math.ceil(options.timeoutMs),
+      flags: (options.stdin ? ExecFlag.STDIN : 0) | (options.mkdirCwd ? ExecFlag.MKDIR_CWD : 0),
+      cwd: options.cwd ?? '',
+      argv: options.argv,
+      env: Object.entries(options.env ?? {}).map(([key, value]) => {
+        if (key === '' || key.includes('=')) throw new InvalidRequestError(`invalid environment variable name ${JSON.stringify(key)}`);
+        return `${key}=${value}`;
+      }),
+    });
+    const stopAbort = options.signal ? this.abortOn(options.signal) : noop;
+    this.checkOpen();
+    this.execBusy = true;
+    const link: RunLink = {
+      send: (msg) => this.send(encodeFrame(msg)),
+      unstall: (r) => this.unstall(r),
+      settled: (run) => {
+        stopAbort();
+        this.execBusy = false;
+        if (this.current === run) this.current = null;
+        this.unstall(run.stdout);
+        this.unstall(run.stderr);
+      },
+    };
+    return new Promise<ExecHandle>((resolve, reject) => {
+      this.pending.push({
+        kind: 'exec',
+        started: (pid) => {
+          this.current = new ExecRun(pid, options.stdin === true, link);
+          resolve(this.current);
+        },
+        spawnFailed: (status) => {
+          const run = new ExecRun(null, options.stdin === true, link);
+          run.finish(status);
+          resolve(run);
+        },
+        reject: (err) => {
+          stopAbort();
+          this.execBusy = false;
+          reject(err);
+        },
+      });
+      this.send(frame);
+    });
+  }
+
+  /** Mounts `device` (a path, or `serial:ID`) on `mountpoint`, which the agent creates. */
+  mount(device: string, mountpoint: string, fstype: string, readOnly = false): Promise<void> {
+    return this.request({ type: 'mount', flags: readOnly ? MountFlag.READ_ONLY : 0, device, mountpoint, fstype });
+  }
+
+  /** Syncs, then unmounts. */
+  unmount(mountpoint: string): Promise<void> {
+    return this.request({ type: 'unmount', mountpoint });
+  }
+
+  sync(): Promise<void> {
+    return this.request({ type: 'sync' });
+  }
+
+  /**
+   * Asks the agent to sync and end the VM; resolves on its OK and closes the session. Refused while a
+   * command runs: output still in flight would be lost.
+   */
+  async poweroff(): Promise<void> {
+    if (this.execBusy) throw new InvalidRequestError('cannot power off while a command is running; wait for its exit first');
+    await this.request({ type: 'poweroff' });
+    this.fail(new AgentConnectionError('the guest agent has powered off'));
+  }
+
+  /** Ends the session; a running command's `exit` rejects and the agent kills it. Idempotent. */
+  close(): void {
+    this.fail(new AgentConnectionError('the guest agent session was closed'));
+  }
+
+  private async request(msg: HostMessage): Promise<void> {
+    const frame = encodeFrame(msg);
+    this.checkOpen();
+    return new Promise<void>((resolve, reject) => {
+      this.pending.push({ kind: 'ok', resolve, reject });
+      this.send(frame);
+    });
+  }
+
+  private greet(timeoutMs: number | undefined): Promise<void> {
+    this.checkOpen();
+    return new Promise<void>((resolve, reject) => {
+      const sendHello = (): void =>
+        this.send(
+          encodeFrame({
+            type: 'hello',
+            version: PROTOCOL_VERSION,
+            hostTimeNs: BigInt(Date.now()) * 1_000_000n,
+            entropy: randomBytes(32),
+          }),
+        );
+      const repeat = setInterval(sendHello, HELLO_REPEAT_MS);
+      const deadline =
+        timeoutMs === undefined
+          ? undefined
+          : setTimeout(
+              () => this.fail(new AgentConnectionError(`the guest agent did not answer HELLO within ${timeoutMs} ms`)),
+              timeoutMs,
+            );
+      const stop = (): void => {
+        clearInterval(repeat);
+        clearTimeout(deadline);
+      };
+      this.pending.push({
+        kind: 'hello',
+        resolve: (msg) => {
+          stop();
+          if (msg.version !== PROTOCOL_VERSION) {
+            const err = new AgentVersionError(
+              `the guest agent speaks protocol version ${msg.version} but this mvmctl speaks version ${PROTOCOL_VERSION}; use an image built for this mvmctl`,
+            );
+            this.fail(err);
+            reject(err);
+            return;
+          }
+          this.hello = msg;
+          resolve();
+        },
+        reject: (err) => {
+          stop();
+          // The caller gets no session to close when HELLO fails, so it must not outlive this.
+          this.fail(err);
+          reject(err);
+        },
+      });
+      sendHello();
+    });
+  }
+
+  /** Ends the session when `signal` aborts; returns the function that stops listening. */
+  private abortOn(signal: AbortSignal): () => void {
+    const onAbort = (): void => this.fail(new SessionAbortedError(signal.reason));
+    if (signal.aborted) {
+      onAbort();
+      return noop;
+    }
+    signal.addEventListener('abort', onAbort, { once: true });
+    const stop = (): void => {
+      signal.removeEventListener('abort', onAbort);
+      this.cleanups.delete(stop);
+    };
+    this.cleanups.add(stop);
+    return stop;
+  }
+
+  private checkOpen(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  private send(frame: Buffer): void {
+    if (!this.failure) this.stream.write(frame);
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.failure) return;
+    try {
+      for (const msg of this.decoder.push(chunk)) {
+        this.dispatch(msg);
+        if (this.failure) return;
+      }
+    } catch (err) {
+      // Anything else was thrown by a consumer's synchronous 'data' handler and is theirs.
+      if (!(err instanceof ProtocolError)) throw err;
+      this.fail(err);
+    }
+  }
+
+  private expect<K extends Pending['kind']>(kind: K, what: string): Extract<Pending, { kind: K }> {
+    const head = this.pending[0];
+    if (head?.kind !== kind) throw new ProtocolError(`unexpected ${what}`);
+    this.pending.shift();
+    return head as Extract<Pending, { kind: K }>;
+  }
+
+  private dispatch(msg: AgentMessage): void {
+    switch (msg.type) {
+      case 'hello':
+        // Answers to repeated HELLOs arrive after the first answer; they carry nothing new.
+        if (this.hello) return;
+        this.expect('hello', 'HELLO').resolve(msg);
+        return;
+      case 'started':
+        this.expect('exec', 'STARTED').started(msg.pid);
+        return;
+      case 'stdout':
+      case 'stderr': {
+        if (!this.current) throw new ProtocolError(`${msg.type.toUpperCase()} with no command running`);
+        const r = this.current[msg.type];
+        if (!this.current.deliver(msg.type, msg.data)) this.stall(r);
+        return;
+      }
+      case 'exit':
+        if (this.current) {
+          if (msg.kind === ExitKind.SPAWN_FAILED) throw new ProtocolError('EXIT kind 3 (could not start) after STARTED');
+          this.current.finish(toExitStatus(msg));
+        } else {
+          if (msg.kind !== ExitKind.SPAWN_FAILED) throw new ProtocolError(`EXIT kind ${msg.kind} with no command running`);
+          this.expect('exec', 'EXIT').spawnFailed(toExitStatus(msg));
+        }
+        return;
+      case 'ok':
+        this.expect('ok', 'OK').resolve();
+        return;
+      case 'error': {
+        const err =
+          msg.code === ErrorCode.EXEC_UNAVAILABLE
+            ? new ExecUnavailableError(msg.message)
+            : new AgentRequestError(msg.code, msg.fatal, msg.message);
+        if (msg.fatal) {
+          this.fail(
+            msg.code === ErrorCode.VERSION
+              ? new AgentVersionError(`the guest agent refused protocol version ${PROTOCOL_VERSION}: ${msg.message}`)
+              : err,
+          );
+          return;
+        }
+        const head = this.pending.shift();
+        if (!head) throw new ProtocolError(`unsolicited ERROR ${msg.code}: ${msg.message}`);
+        head.reject(err);
+        return;
+      }
+      case 'stdinAck':
+        if (!this.current) throw new ProtocolError('STDIN_ACK with no command running');
+        this.current.acknowledge(msg.bytes);
+        return;
+    }
+  }
+
+  private stall(r: Readable): void {
+    this.stalled.add(r);
+    if (!this.transportPaused) {
+      this.transportPaused = true;
+      this.stream.pause();
+    }
+  }
+
+  private unstall(r: Readable): void {
+    if (this.stalled.delete(r) && this.stalled.size === 0 && this.transportPaused && !this.failure) {
+      this.transportPaused = false;
+      this.stream.resume();
+    }
+  }
+
+  private fail(err: Error): void {
+    if (this.failure) return;
+    this.failure = err;
+    for (const p of this.pending.splice(0)) p.reject(err);
+    this.current?.fail(err);
+    this.current = null;
+    for (const stop of this.cleanups) stop();
+    this.stream.destroy();
+  }
+}
