@@ -1,6 +1,7 @@
 import { Command, Option } from 'commander';
 import { BACKEND_CHOICES, selectBackend, type BackendChoice } from '../backends/index.js';
 import { MvmError } from '../errors.js';
+import { parseAddDirSpec, validateAddDirs } from '../dirsync/index.js';
 import { execInMicroVm } from '../exec/run.js';
 import { ensureDefaultImage } from '../image/index.js';
 import { loadLaunchPlan, mergeEnv, parseEnvAssignment, type LaunchPlan } from '../launchplan/index.js';
@@ -17,6 +18,7 @@ interface ExecOptions {
   backend: BackendChoice;
   verbose?: boolean;
   launchPlan?: string;
+  addDir: string[];
 }
 
 const DEFAULT_BOOT_TIMEOUT_S = 60;
@@ -33,6 +35,7 @@ export function execCommand(): Command {
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
     .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES).default('auto'))
     .option('-v, --verbose', 'show the guest console and timings on stderr')
+    .option('--add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back after a clean exit (repeatable)', collect, [])
     .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
     .passThroughOptions()
     .action(async (argv: string[], options: ExecOptions) => {
@@ -44,6 +47,8 @@ export function execCommand(): Command {
       } else if (argv.length === 0) {
         throw new MvmError('no command given: usage is mvmctl exec [options] -- CMD [ARGS...] (or --launch-plan PATH)');
       }
+      const addDirs = options.addDir.map((spec) => parseAddDirSpec(spec, process.cwd()));
+      validateAddDirs(addDirs);
       const backend = selectBackend(options.backend);
       const log = (line: string) => process.stderr.write(`mvmctl: ${line}\n`);
       if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
@@ -60,6 +65,7 @@ export function execCommand(): Command {
             memoryMiB: options.memory,
             timeoutSeconds: options.timeout,
             interactive: options.interactive ?? false,
+            addDirs,
           },
           {
             stdin: process.stdin,

@@ -1,7 +1,9 @@
 import type { Readable, Writable } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { driveSerial } from '../backends/qemu.js';
 import type { Backend, RunningVm } from '../backends/types.js';
+import { stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
 import { MvmError } from '../errors.js';
 import type { GuestImage } from '../image/index.js';
 import type { Progress } from '../progress.js';
@@ -20,6 +22,8 @@ export interface ExecRequest {
   timeoutSeconds: number;
   /** Forward `io.stdin` to the command; otherwise its stdin is /dev/null. */
   interactive: boolean;
+  /** Host directories to mount in the guest, already validated (parseAddDirSpec + validateAddDirs). */
+  addDirs: readonly AddDirSpec[];
 }
 
 export interface ExecIo {
@@ -61,6 +65,8 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   const name = newVmName();
   const runDir = await createVmDir(name);
   let vm: RunningVm | undefined;
+  // rw directories whose guest changes have not been brought back (yet): reported as discarded if the run ends early.
+  const pendingSync = new Set<StagedDir>();
   try {
     const record: VmRecord = {
       name,
@@ -72,6 +78,12 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
       runDir,
     };
     await writeVmRecord(record);
+
+    const staged: StagedDir[] = [];
+    for (const spec of request.addDirs) {
+      staged.push(await stageAddDir(spec, runDir, { progress: io.progress, signal }));
+    }
+    if (staged.length > 0) timings.mark('directories staged');
 
     const capabilities = deps.backend.capabilities();
     if (!capabilities.kvm && process.env.MVM_NO_TCG_WARNING !== '1') {
@@ -86,7 +98,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
         kernelArgs: image.kernelArgs,
         cpus: request.cpus,
         memoryMiB: request.memoryMiB,
-        drives: [],
+        drives: staged.map((dir) => ({ path: dir.imagePath, readOnly: dir.readOnly })),
         onConsoleLine: io.verbose ? (line) => io.log(`[console] ${line}`) : undefined,
       },
       signal,
@@ -97,16 +109,51 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     const session = await bootAgent(vm, deps.bootTimeoutMs, signal);
     timings.mark(`agent ready (${session.agentVersion})`);
 
+    for (const [index, dir] of staged.entries()) {
+      await session.mount(`serial:${driveSerial(index)}`, dir.spec.guestPath, 'ext4', dir.readOnly).catch((error: Error) => {
+        throw new MvmError(`--add-dir ${dir.spec.spec}: the guest could not mount it: ${error.message}`);
+      });
+      if (!dir.readOnly) pendingSync.add(dir);
+    }
+
     const status = await runCommand(session, vm, request, io, signal);
     timings.mark('command finished');
 
+    // A timed-out command's directories are not synced: its writes may be half done.
+    const toSync = status.kind === 'timedOut' ? [] : await unmountForSync([...pendingSync], session, io);
     await powerOff(session, vm);
     timings.mark('VM stopped');
+
+    for (const dir of toSync) {
+      // syncBack's own error says what happened to HOST; no second "discarded" line for this dir.
+      pendingSync.delete(dir);
+      const report = await syncBack(dir, { progress: io.progress, warn: io.log, signal });
+      if (io.verbose) io.log(`--add-dir ${dir.spec.spec}: synced back ${report.filesWritten} files, deleted ${report.deleted}`);
+    }
+    if (toSync.length > 0) timings.mark('directories synced back');
     return { exitCode: exitStatusToCode(status), status };
   } finally {
     await vm?.kill();
+    for (const dir of pendingSync) io.log(`--add-dir ${dir.spec.spec}: guest changes discarded, ${dir.spec.hostPath} left as it was`);
     await removeVmDir(runDir);
   }
+}
+
+/**
+ * Unmounts rw directories in the guest so their images are complete and clean; one that fails to
+ * unmount is not synced back (its image may be inconsistent).
+ */
+async function unmountForSync(dirs: StagedDir[], session: AgentSession, io: ExecIo): Promise<StagedDir[]> {
+  const clean: StagedDir[] = [];
+  for (const dir of dirs) {
+    try {
+      await session.unmount(dir.spec.guestPath);
+      clean.push(dir);
+    } catch (error) {
+      io.log(`--add-dir ${dir.spec.spec}: the guest could not unmount it cleanly (${(error as Error).message})`);
+    }
+  }
+  return clean;
 }
 
 /** Connects to the agent, failing with the console's last lines when the guest dies or hangs first. */

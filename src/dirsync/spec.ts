@@ -1,0 +1,103 @@
+import { realpathSync, statSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { isAbsolute, posix, resolve } from 'node:path';
+import { MvmError } from '../errors.js';
+
+export interface AddDirSpec {
+  /** The flag value as the user typed it, for messages. */
+  spec: string;
+  /** Real path of the host directory (symlinks resolved). */
+  hostPath: string;
+  /** Normalized absolute guest path, no trailing slash. */
+  guestPath: string;
+  readOnly: boolean;
+}
+
+const FORBIDDEN_GUEST_ROOTS = ['/proc', '/sys', '/dev'];
+
+/** The spec as typed, with control characters escaped so the message stays one line. */
+export function showSpec(spec: string): string {
+  return spec.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}
+
+function fail(spec: string, problem: string): never {
+  throw new MvmError(`--add-dir '${showSpec(spec)}': ${problem}`);
+}
+
+/**
+ * Parses `HOST:GUEST[:ro|rw]`. The mode is taken from the right and GUEST is the last remaining
+ * field, so a HOST path may itself contain colons; a GUEST path may not.
+ */
+export function parseAddDirSpec(spec: string, cwd: string): AddDirSpec {
+  const fields = spec.split(':');
+  let readOnly = true;
+  const last = fields.at(-1);
+  if (fields.length >= 3 && (last === 'ro' || last === 'rw')) {
+    readOnly = last === 'ro';
+    fields.pop();
+  }
+  if (fields.length < 2) fail(spec, 'expected HOST:GUEST[:ro|rw], e.g. ./src:/work:rw');
+  const guestRaw = fields.pop()!;
+  const hostRaw = fields.join(':');
+  if (fields.length >= 2 && (guestRaw === 'ro' || guestRaw === 'rw' || !guestRaw.startsWith('/'))) {
+    fail(spec, `mode must be ro or rw, got '${last}'`);
+  }
+  if (hostRaw === '') fail(spec, 'HOST is empty; write HOST:GUEST, e.g. .:/work');
+  if (guestRaw === '') fail(spec, 'GUEST is empty; write HOST:GUEST with an absolute GUEST path, e.g. .:/work');
+
+  return { spec, hostPath: resolveHost(spec, hostRaw, cwd), guestPath: checkGuest(spec, guestRaw), readOnly };
+}
+
+function resolveHost(spec: string, hostRaw: string, cwd: string): string {
+  let path = hostRaw;
+  if (path === '~' || path.startsWith('~/')) path = homedir() + path.slice(1);
+  else if (path.startsWith('~')) fail(spec, `'~user' paths are not supported; write the full path instead of '${hostRaw}'`);
+  path = isAbsolute(path) ? path : resolve(cwd, path);
+  let real: string;
+  try {
+    real = realpathSync(path);
+  } catch {
+    fail(spec, `host directory ${path} does not exist; create it or fix the path`);
+  }
+  if (!statSync(real).isDirectory()) fail(spec, `host path ${path} is not a directory; --add-dir takes directories only`);
+  return real;
+}
+
+function checkGuest(spec: string, guestRaw: string): string {
+  if (!guestRaw.startsWith('/')) fail(spec, `GUEST path '${guestRaw}' must be absolute, e.g. /work`);
+  // The path travels to the guest agent and into mount(2); control characters have no business there.
+  if (/[\x00-\x1f\x7f]/.test(guestRaw)) fail(spec, 'GUEST path contains control characters');
+  const guest = posix.normalize(guestRaw).replace(/\/+$/, '') || '/';
+  if (guest === '/') fail(spec, 'GUEST may not be / (it would hide the guest root filesystem); pick a directory such as /work');
+  for (const root of FORBIDDEN_GUEST_ROOTS) {
+    if (guest === root || guest.startsWith(root + '/')) {
+      fail(spec, `GUEST may not be ${root} or inside it (kernel filesystems live there); pick a directory such as /work`);
+    }
+  }
+  return guest;
+}
+
+/**
+ * Checks a whole set of --add-dir flags. Nested GUEST paths (/work and /work/sub) are refused: the
+ * inner mount point would have to be created inside the outer image (impossible when it is ro),
+ * and a rw outer dir would sync back an empty stand-in directory over HOST's copy.
+ */
+export function validateAddDirs(specs: readonly AddDirSpec[]): void {
+  for (let i = 0; i < specs.length; i++) {
+    for (let j = 0; j < i; j++) {
+      const a = specs[j]!;
+      const b = specs[i]!;
+      if (a.guestPath === b.guestPath) {
+        throw new MvmError(
+          `--add-dir '${showSpec(b.spec)}': GUEST ${b.guestPath} is already used by --add-dir '${showSpec(a.spec)}'; give each directory its own GUEST path`,
+        );
+      }
+      const [outer, inner] = a.guestPath.length < b.guestPath.length ? [a, b] : [b, a];
+      if (inner.guestPath.startsWith(outer.guestPath + '/')) {
+        throw new MvmError(
+          `--add-dir '${showSpec(inner.spec)}': GUEST ${inner.guestPath} is inside ${outer.guestPath} of --add-dir '${showSpec(outer.spec)}'; mount them at separate, non-nested paths`,
+        );
+      }
+    }
+  }
+}

@@ -1,0 +1,236 @@
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { createServer } from 'node:net';
+import {
+  lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmSync, statSync,
+  symlinkSync, writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, it } from 'node:test';
+import { MvmError } from '../../src/errors.js';
+import {
+  discardStaged, imageIsClean, parseAddDirSpec, stageAddDir, syncBack, treeDigest, uncleanReason, type StagedDir,
+} from '../../src/dirsync/index.js';
+import { scanImage, UntrustedImageError } from '../../src/dirsync/image-tree.js';
+
+const MiB = 1024 ** 2;
+const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-hostile-')));
+const state = join(base, 'state');
+mkdirSync(state);
+after(() => rmSync(base, { recursive: true, force: true }));
+
+let counter = 0;
+function fresh(name: string): string {
+  const dir = join(base, `${name}${counter++}`);
+  mkdirSync(dir, { recursive: true });
+  return dir;
+}
+
+function hostTree(): string {
+  const host = fresh('host');
+  writeFileSync(join(host, 'keep.txt'), 'original\n');
+  mkdirSync(join(host, 'sub'));
+  writeFileSync(join(host, 'sub/inner.txt'), 'inner\n');
+  return host;
+}
+
+async function stage(dir: string): Promise<StagedDir> {
+  return stageAddDir(parseAddDirSpec(`${dir}:/work:rw`, base), state, { rwFreeBytes: 16 * MiB });
+}
+
+/** Stages `host`, then replaces its image with one built from `guestFinal` (the hostile guest's work). */
+async function hostileRun(host: string, guestFinal: string): Promise<StagedDir> {
+  const staged = await stage(host);
+  const evil = await stage(guestFinal);
+  await discardStaged(staged);
+  return { ...staged, imagePath: evil.imagePath };
+}
+
+function debugfsW(image: string, ...cmds: string[]): void {
+  execFileSync('debugfs', ['-w', '-f', '-', image], { input: cmds.join('\n'), stdio: ['pipe', 'ignore', 'ignore'] });
+}
+
+/** Rewrites a name in the image's raw bytes: how a guest with the block device crafts what ext4 forbids. */
+function patchName(image: string, from: string, to: string): void {
+  assert.equal(Buffer.byteLength(from), Buffer.byteLength(to));
+  const data = readFileSync(image);
+  const at = data.indexOf(from);
+  assert.ok(at >= 0 && data.indexOf(from, at + 1) < 0, `exactly one ${from} in the image`);
+  data.write(to, at);
+  writeFileSync(image, data);
+}
+
+async function assertDiscarded(staged: StagedDir, host: string, pattern: RegExp): Promise<void> {
+  const before = treeDigest(host);
+  await assert.rejects(syncBack(staged), (err: unknown) => {
+    assert.ok(err instanceof MvmError);
+    assert.ok(!err.message.includes('\n'));
+    assert.match(err.message, /guest changes discarded/);
+    assert.match(err.message, pattern);
+    return true;
+  });
+  assert.equal(treeDigest(host), before, 'HOST untouched');
+}
+
+const limits = { maxEntries: 1000, maxBytes: 1n << 40n, maxPathBytes: 4000 };
+
+describe('hostile images', () => {
+  it('drops setuid/setgid bits with a warning and never copies devices, FIFOs or sockets', async () => {
+    const host = hostTree();
+    writeFileSync(join(host, 'was-a-file'), 'host content\n');
+    const guest = fresh('guest');
+    execFileSync('cp', ['-a', `${host}/.`, guest]);
+    writeFileSync(join(guest, 'suid'), '#!/bin/sh\n');
+    execFileSync('chmod', ['4755', join(guest, 'suid')]);
+    writeFileSync(join(guest, 'sgid'), '#!/bin/sh\n');
+    execFileSync('chmod', ['2711', join(guest, 'sgid')]);
+    const sock = createServer().listen(join(guest, 'sock'));
+    await new Promise((r) => sock.once('listening', r));
+    const staged = await hostileRun(host, guest);
+    sock.close();
+    rmSync(join(guest, 'sock'), { force: true });
+    debugfsW(staged.imagePath, 'mknod null c 1 3', 'mknod disk b 8 0', 'mknod fifo p', 'rm was-a-file', 'mknod was-a-file p');
+    const warnings: string[] = [];
+    const report = await syncBack(staged, { warn: (l) => warnings.push(l) });
+    assert.deepEqual(report.warnings, warnings);
+    assert.equal(statSync(join(host, 'suid')).mode & 0o7777, 0o755);
+    assert.equal(statSync(join(host, 'sgid')).mode & 0o7777, 0o711);
+    for (const name of ['null', 'disk', 'fifo', 'sock']) assert.throws(() => lstatSync(join(host, name)), `${name} not created`);
+    assert.equal(readFileSync(join(host, 'was-a-file'), 'utf8'), 'host content\n', 'a special file never replaces a host file');
+    assert.equal(warnings.length, 7, warnings.join('\n'));
+    for (const w of warnings) assert.ok(!w.includes('\n'));
+  });
+
+  it('never follows a symlink out of HOST, even with a crafted file "under" it', async () => {
+    const host = hostTree();
+    const outside = fresh('outside');
+    const guest = fresh('guest');
+    symlinkSync(outside, join(guest, 'x'));
+    writeFileSync(join(guest, 'x_passwd'), 'root::0:0::/:/bin/sh\n');
+    const staged = await hostileRun(host, guest);
+    patchName(staged.imagePath, 'x_passwd', 'x/passwd');
+    await assert.rejects(scanImage(staged.imagePath, fresh('scan'), limits), UntrustedImageError);
+    await assertDiscarded(staged, host, /e2fsck|untrusted/);
+    assert.deepEqual(readdirSync(outside), []);
+  });
+
+  it('rejects duplicate names (a symlink and a directory both called x)', async () => {
+    const host = hostTree();
+    const outside = fresh('outside');
+    const guest = fresh('guest');
+    symlinkSync(outside, join(guest, 'x'));
+    mkdirSync(join(guest, 'y'));
+    writeFileSync(join(guest, 'y/passwd'), 'evil\n');
+    const staged = await hostileRun(host, guest);
+    // Directory entries are 4-byte aligned: "x" and "y" sit in identical slots, so only the name changes.
+    const data = readFileSync(staged.imagePath);
+    const slot = Buffer.from([1, 2, 0x79]); // name_len 1, type dir, "y"
+    const at = data.indexOf(slot);
+    assert.ok(at >= 0);
+    data[at + 2] = 0x78;
+    writeFileSync(staged.imagePath, data);
+    await assert.rejects(scanImage(staged.imagePath, fresh('scan'), limits), /duplicate name/);
+    await assertDiscarded(staged, host, /e2fsck|untrusted/);
+    assert.deepEqual(readdirSync(outside), []);
+  });
+
+  it('rejects ".." and names with a slash crafted into a directory', async () => {
+    const host = hostTree();
+    const guest = fresh('guest');
+    writeFileSync(join(guest, 'zz'), 'escape\n');
+    writeFileSync(join(guest, 'a_b_c_etc_passwd'), 'escape\n');
+    const dotdot = await hostileRun(host, guest);
+    patchName(dotdot.imagePath, 'zz', '..');
+    await assert.rejects(scanImage(dotdot.imagePath, fresh('scan'), limits), /illegal file name/);
+    await assertDiscarded(dotdot, host, /e2fsck|untrusted/);
+    const slashes = await hostileRun(host, guest);
+    patchName(slashes.imagePath, 'a_b_c_etc_passwd', '../../etc/passwd');
+    await assert.rejects(scanImage(slashes.imagePath, fresh('scan'), limits), /illegal file name/);
+    await assertDiscarded(slashes, host, /e2fsck|untrusted/);
+  });
+
+  it('copies symlinks as symlinks: one named like a host path, one replacing a host directory', async () => {
+    const host = hostTree();
+    const outside = fresh('outside');
+    const guest = fresh('guest');
+    writeFileSync(join(guest, 'keep.txt'), 'original\n');
+    symlinkSync(outside, join(guest, 'sub')); // replaces HOST's directory sub/
+    symlinkSync('/etc', join(guest, 'etc'));
+    symlinkSync('/etc/passwd', join(guest, 'passwd'));
+    const staged = await hostileRun(host, guest);
+    const report = await syncBack(staged);
+    assert.deepEqual(report.warnings, []);
+    assert.equal(readlinkSync(join(host, 'sub')), outside);
+    assert.equal(readlinkSync(join(host, 'etc')), '/etc');
+    assert.equal(readlinkSync(join(host, 'passwd')), '/etc/passwd');
+    assert.deepEqual(readdirSync(outside), [], 'deleting sub/ did not go through the new symlink');
+  });
+
+  it('replaces a host symlink with the guest directory instead of writing through it', async () => {
+    const host = hostTree();
+    const outside = fresh('outside');
+    symlinkSync(outside, join(host, 'link'));
+    const guest = fresh('guest');
+    execFileSync('cp', ['-a', `${host}/.`, guest]);
+    rmSync(join(guest, 'link'));
+    mkdirSync(join(guest, 'link'));
+    writeFileSync(join(guest, 'link/passwd'), 'evil\n');
+    await syncBack(await hostileRun(host, guest));
+    assert.ok(lstatSync(join(host, 'link')).isDirectory());
+    assert.deepEqual(readdirSync(outside), []);
+  });
+
+  it('enforces limits on entries and bytes', async () => {
+    const host = hostTree();
+    const guest = fresh('guest');
+    for (let i = 0; i < 50; i++) writeFileSync(join(guest, `f${i}`), 'x');
+    const staged = await hostileRun(host, guest);
+    const before = treeDigest(host);
+    await assert.rejects(syncBack(staged, { limits: { maxEntries: 20 } }), /more than 20 entries/);
+    await assert.rejects(syncBack(staged, { limits: { maxBytes: 10n } }), /exceed 10 bytes/);
+    assert.equal(treeDigest(host), before);
+  });
+
+  it('discards an image that was not unmounted cleanly or is damaged', async () => {
+    const host = hostTree();
+    const cases: [string[], RegExp][] = [
+      [['ssv state 0'], /not unmounted cleanly/],
+      [['feature needs_recovery'], /needs recovery/],
+      [['ssv state 3'], /recorded errors/],
+      [['ssv last_orphan 12'], /orphan/],
+      [['sif /keep.txt links_count 7'], /e2fsck/],
+    ];
+    for (const [cmds, pattern] of cases) {
+      const staged = await stage(host);
+      assert.ok(await imageIsClean(staged.imagePath));
+      debugfsW(staged.imagePath, ...cmds);
+      if (!/e2fsck/.test(pattern.source)) {
+        assert.equal(await imageIsClean(staged.imagePath), false);
+        assert.match((await uncleanReason(staged.imagePath))!, pattern);
+      }
+      await assertDiscarded(staged, host, pattern);
+      await discardStaged(staged);
+    }
+  });
+
+  it('gives HOST no half-written file when the sync dies part-way', async () => {
+    const host = hostTree();
+    const old = Buffer.alloc(8 * MiB, 0x61);
+    for (let i = 0; i < 20; i++) writeFileSync(join(host, `big${i}`), old);
+    const guest = fresh('guest');
+    const updated = Buffer.alloc(8 * MiB + 1, 0x62);
+    for (let i = 0; i < 20; i++) writeFileSync(join(guest, `big${i}`), updated);
+    const staged = await hostileRun(host, guest);
+    await assert.rejects(
+      syncBack(staged, { onRsyncStart: (pid) => setTimeout(() => process.kill(pid, 'SIGKILL'), 150) }),
+      /failed part-way/,
+    );
+    for (const name of readdirSync(host)) {
+      if (!name.startsWith('big')) continue;
+      const content = readFileSync(join(host, name));
+      assert.ok(content.equals(old) || content.equals(updated), `${name} is whole`);
+    }
+    assert.deepEqual(readdirSync(host).filter((n) => n.startsWith('.')), [], 'no rsync temp files left');
+  });
+});

@@ -1,0 +1,85 @@
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
+import { homedir, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, it } from 'node:test';
+import { MvmError } from '../../src/errors.js';
+import { parseAddDirSpec, validateAddDirs } from '../../src/dirsync/index.js';
+import { showSpec } from '../../src/dirsync/spec.js';
+
+const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-spec-')));
+const dir = join(base, 'proj');
+const colonDir = join(base, 'a:b');
+mkdirSync(dir);
+mkdirSync(colonDir);
+writeFileSync(join(base, 'file'), 'x');
+after(() => rmSync(base, { recursive: true, force: true }));
+
+function rejects(spec: string, pattern: RegExp): void {
+  assert.throws(
+    () => parseAddDirSpec(spec, base),
+    (err: unknown) => {
+      assert.ok(err instanceof MvmError, `expected MvmError for ${spec}`);
+      assert.equal(err.exitCode, 125);
+      assert.ok(!err.message.includes('\n'), 'one line');
+      assert.ok(err.message.includes(`'${showSpec(spec)}'`), `names the spec: ${err.message}`);
+      assert.match(err.message, pattern);
+      return true;
+    },
+  );
+}
+
+describe('parseAddDirSpec', () => {
+  it('defaults to ro and resolves HOST relative to cwd', () => {
+    assert.deepEqual(parseAddDirSpec('proj:/work', base), { spec: 'proj:/work', hostPath: dir, guestPath: '/work', readOnly: true });
+  });
+  it('takes :ro and :rw', () => {
+    assert.equal(parseAddDirSpec(`${dir}:/work:rw`, base).readOnly, false);
+    assert.equal(parseAddDirSpec(`${dir}:/work:ro`, base).readOnly, true);
+  });
+  it('expands ~', () => {
+    assert.equal(parseAddDirSpec('~:/home-dir', base).hostPath, realpathSync(homedir()));
+  });
+  it('normalizes GUEST', () => {
+    assert.equal(parseAddDirSpec(`${dir}:/work//a/../b/`, base).guestPath, '/work/b');
+  });
+  it('allows colons in HOST', () => {
+    assert.equal(parseAddDirSpec(`${colonDir}:/work:rw`, base).hostPath, colonDir);
+  });
+  it('rejects every malformed spec with one line', () => {
+    rejects('proj', /HOST:GUEST/);
+    rejects(':/work', /HOST is empty/);
+    rejects('proj:', /mode must be ro or rw|GUEST/);
+    rejects('missing:/work', /does not exist/);
+    rejects('file:/work', /not a directory/);
+    rejects('proj:work', /must be absolute/);
+    rejects('proj:/', /may not be \//);
+    rejects('proj:/proc', /\/proc/);
+    rejects('proj:/proc/self', /\/proc/);
+    rejects('proj:/sys', /\/sys/);
+    rejects('proj:/dev/shm', /\/dev/);
+    rejects('proj:/work/../dev', /\/dev/);
+    rejects('proj:/work:rx', /mode must be ro or rw/);
+    rejects('~nobody-such-user/x:/work', /~user/);
+    rejects('proj:/wo\nrk', /control characters/);
+  });
+});
+
+describe('validateAddDirs', () => {
+  const spec = (s: string) => parseAddDirSpec(s, base);
+  it('accepts distinct, non-nested GUEST paths', () => {
+    validateAddDirs([spec('proj:/work'), spec('proj:/workbench:rw'), spec(`${colonDir}:/other`)]);
+  });
+  it('rejects a shared GUEST path', () => {
+    assert.throws(() => validateAddDirs([spec('proj:/work'), spec(`${colonDir}:/work/:rw`)]), (err: unknown) => {
+      assert.ok(err instanceof MvmError);
+      assert.match(err.message, /already used by --add-dir 'proj:\/work'/);
+      return true;
+    });
+  });
+  it('rejects nested GUEST paths, in either order', () => {
+    for (const pair of [['proj:/work', 'proj:/work/sub'], ['proj:/work/sub', 'proj:/work']]) {
+      assert.throws(() => validateAddDirs(pair.map(spec)), /is inside \/work .*non-nested/);
+    }
+  });
+});
