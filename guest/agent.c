@@ -729,6 +729,50 @@ static char *scratch_str(struct mvm_str s, size_t *off)
 	return r;
 }
 
+/*
+ * "serial:ID" names the virtio block device whose /sys/block/NAME/serial is ID: VMMs do not promise
+ * the order in which drives become /dev/vdX, but QEMU (serial=) and Firecracker (drive_id) both
+ * give each drive an ID. Anything else is used as a path unchanged.
+ */
+static int resolve_device(const char *dev, char *out, size_t outlen)
+{
+	static const char prefix[] = "serial:";
+	if (strncmp(dev, prefix, sizeof(prefix) - 1) != 0) {
+		snprintf(out, outlen, "%s", dev);
+		return 0;
+	}
+	const char *want = dev + sizeof(prefix) - 1;
+	DIR *d = opendir("/sys/block");
+	if (!d)
+		return -1;
+	struct dirent *e;
+	int found = -1;
+	while (found < 0 && (e = readdir(d)) != NULL) {
+		char path[300], serial[128];
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/sys/block/%.200s/serial", e->d_name);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		ssize_t n = read(fd, serial, sizeof(serial) - 1);
+		close(fd);
+		if (n <= 0)
+			continue;
+		while (n > 0 && (serial[n - 1] == '\n' || serial[n - 1] == ' ' || serial[n - 1] == 0))
+			n--;
+		serial[n] = 0;
+		if (strcmp(serial, want) == 0) {
+			snprintf(out, outlen, "/dev/%.200s", e->d_name);
+			found = 0;
+		}
+	}
+	closedir(d);
+	if (found < 0)
+		errno = ENODEV;
+	return found;
+}
+
 static void on_mount(const struct mvm_h2g *m)
 {
 	size_t off = 0;
@@ -743,7 +787,13 @@ static void on_mount(const struct mvm_h2g *m)
 		tx_ctrl_error(MVM_E_MOUNT_FAILED, 0, msg);
 		return;
 	}
-	if (mount(dev, mp, fs, fl, NULL) < 0) {
+	char path[256];
+	if (resolve_device(dev, path, sizeof(path)) < 0) {
+		snprintf(msg, sizeof(msg), "no block device %.1000s: %s", dev, strerror(errno));
+		tx_ctrl_error(MVM_E_MOUNT_FAILED, 0, msg);
+		return;
+	}
+	if (mount(path, mp, fs, fl, NULL) < 0) {
 		snprintf(msg, sizeof(msg), "mount %.1000s on %.1000s (%.100s): %s", dev, mp, fs,
 			 strerror(errno));
 		tx_ctrl_error(MVM_E_MOUNT_FAILED, 0, msg);

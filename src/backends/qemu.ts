@@ -36,6 +36,8 @@ export function hostTscKhz(): number | undefined {
 export function qemuArgs(spec: VmSpec, options: { kvm: boolean; tscKhz?: number }): string[] {
   const kernelArgs = [
     'console=ttyS0',
+    // The machine has no ACPI tables (acpi=off below); without this the kernel logs an error looking for them.
+    'acpi=off',
     // With -no-reboot a guest reboot ends QEMU: the agent's power-off and a panic both stop the VM.
     'reboot=t',
     'panic=-1',

@@ -232,12 +232,12 @@ async function runCommand(session: AgentSession, vm: RunningVm, request: ExecReq
  */
 async function powerOff(session: AgentSession, vm: RunningVm): Promise<void> {
   try {
-    await Promise.race([session.poweroff(), sleep(POWEROFF_WAIT_MS)]);
+    await Promise.race([session.poweroff(), sleep(POWEROFF_WAIT_MS, undefined, { ref: false })]);
   } catch {
     // The VM is killed below anyway; a failed power-off request changes nothing for the user.
   }
   session.close();
-  await Promise.race([vm.exited, sleep(POWEROFF_WAIT_MS)]);
+  await Promise.race([vm.exited, sleep(POWEROFF_WAIT_MS, undefined, { ref: false })]);
 }
 
 class Timings {

@@ -1,0 +1,76 @@
+import { Command } from 'commander';
+
+import { defaultImageStatus, ensureDefaultImage, type GuestImage } from '../image/index.js';
+import { readKernelBuildInfo } from '../image/kernel.js';
+import { progressReporter } from '../progress.js';
+import { runInterruptibly } from './signals.js';
+
+function mib(bytes: number): string {
+  return `${(bytes / 1048576).toFixed(1)} MiB`;
+}
+
+async function describe(image: GuestImage): Promise<string[]> {
+  const m = image.manifest;
+  const build = m.kernel.origin === 'built' ? await readKernelBuildInfo(m.kernel.path) : undefined;
+  const kernelFrom =
+    m.kernel.origin === 'user'
+      ? 'your kernel (--kernel / MVM_KERNEL)'
+      : `built from kernel/guest.config${build?.release ? `, Linux ${build.release}` : ''}${build ? `, in ${Math.round(build.buildSeconds)}s` : ''}`;
+  return [
+    `name:        ${image.name}`,
+    `id:          ${m.id}`,
+    `directory:   ${image.dir}`,
+    `created:     ${m.createdAt}`,
+    `kernel:      ${image.kernel} (${mib(m.kernel.size)}, ${kernelFrom})`,
+    `             sha256 ${m.kernel.sha256}`,
+    `initrd:      ${image.initrd} (${mib(m.initrd.size)}, ${m.initrd.compression === 'none' ? 'uncompressed' : m.initrd.compression} cpio, layout ${m.layoutVersion})`,
+    `agent:       ${m.agent.path} (${m.agent.version ?? 'version unknown'}, sha256 ${m.agent.sha256.slice(0, 16)}…)`,
+    `busybox:     ${m.busybox.path} (sha256 ${m.busybox.sha256.slice(0, 16)}…)`,
+    `kernel args: ${image.kernelArgs.join(' ')}`,
+  ];
+}
+
+/** `mvmctl image build|info`: the default guest image (kernel + initramfs with busybox and the agent). */
+export function imageCommand(): Command {
+  const image = new Command('image').description('build or inspect the default guest image (kernel + initramfs)');
+
+  image
+    .command('build')
+    .description('build the default guest image now (the first build compiles a kernel: about 10 minutes)')
+    .option('--kernel <path>', 'use this uncompressed vmlinux instead of building one (also MVM_KERNEL)')
+    .option('--force', 'rebuild the initramfs even when it is up to date')
+    .option('-v, --verbose', 'show progress even when stderr is not a terminal')
+    .action(async (options: { kernel?: string; force?: boolean; verbose?: boolean }) => {
+      const progress = progressReporter({ force: options.verbose });
+      process.exitCode = await runInterruptibly(async (signal) => {
+        const built = await ensureDefaultImage({ progress, signal, kernelPath: options.kernel, force: options.force });
+        process.stdout.write((await describe(built)).join('\n') + '\n');
+        return 0;
+      });
+    });
+
+  image
+    .command('info')
+    .description('show the default guest image and whether it is up to date (builds nothing)')
+    .option('--kernel <path>', 'compare against this kernel instead of the built one (also MVM_KERNEL)')
+    .option('--json', 'print the manifest as JSON')
+    .action(async (options: { kernel?: string; json?: boolean }) => {
+      const status = await defaultImageStatus({ kernelPath: options.kernel });
+      if (options.json) {
+        const out = status.image
+          ? { ...status.image, upToDate: status.staleReasons.length === 0, staleReasons: status.staleReasons }
+          : { upToDate: false, staleReasons: status.staleReasons };
+        process.stdout.write(JSON.stringify(out, null, 2) + '\n');
+        return;
+      }
+      const lines = status.image ? await describe(status.image) : ['default-microvm image: not built yet'];
+      lines.push(
+        status.staleReasons.length === 0
+          ? 'status:      up to date'
+          : `status:      ${status.image ? 'out of date' : 'missing'} (${status.staleReasons.join('; ')}); \`mvmctl image build\` or the next \`mvmctl exec\` builds it`,
+      );
+      process.stdout.write(lines.join('\n') + '\n');
+    });
+
+  return image;
+}
