@@ -4,8 +4,10 @@ import { MvmError } from '../errors.js';
 import { parseAddDirSpec, validateAddDirs } from '../dirsync/index.js';
 import { execInMicroVm } from '../exec/run.js';
 import { ensureDefaultImage } from '../image/index.js';
-import { loadLaunchPlan, mergeEnv, parseEnvAssignment, type LaunchPlan } from '../launchplan/index.js';
+import { mergeEnv, parseEnvAssignment } from '../launchplan/env.js';
+import type { LaunchPlan } from '../launchplan/index.js';
 import { progressReporter } from '../progress.js';
+import { requireTemplate, templateBootImage } from '../templates/index.js';
 import { collect, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
 
@@ -19,6 +21,9 @@ interface ExecOptions {
   verbose?: boolean;
   launchPlan?: string;
   addDir: string[];
+  manifest?: string;
+  /** false with --no-snapshot. */
+  snapshot: boolean;
 }
 
 const DEFAULT_BOOT_TIMEOUT_S = 60;
@@ -37,12 +42,16 @@ export function execCommand(): Command {
     .option('-v, --verbose', 'show the guest console and timings on stderr')
     .option('--add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back after a clean exit (repeatable)', collect, [])
     .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
+    .option('--manifest <name>', 'boot this template (mvmctl template build) instead of the default image; restores its snapshot when it has one')
+    .option('--no-snapshot', 'with --manifest: boot cold even when the template has a snapshot')
     .passThroughOptions()
-    .action(async (argv: string[], options: ExecOptions) => {
+    .action(async (argv: string[], options: ExecOptions, command: Command) => {
       const cliEnv = Object.fromEntries(options.env.map(parseEnvAssignment));
       let plan: LaunchPlan | undefined;
       if (options.launchPlan !== undefined) {
         if (argv.length > 0) throw new MvmError('--launch-plan supplies the command: give either it or a command after --, not both');
+        // Loaded on use: the schema library costs a noticeable part of every exec's start-up.
+        const { loadLaunchPlan } = await import('../launchplan/index.js');
         plan = await loadLaunchPlan(options.launchPlan);
       } else if (argv.length === 0) {
         throw new MvmError('no command given: usage is mvmctl exec [options] -- CMD [ARGS...] (or --launch-plan PATH)');
@@ -50,6 +59,21 @@ export function execCommand(): Command {
       const addDirs = options.addDir.map((spec) => parseAddDirSpec(spec, process.cwd()));
       validateAddDirs(addDirs);
       const backend = selectBackend(options.backend);
+      // A template brings its own default size; --cpus / --memory given on the command line win.
+      const template = options.manifest !== undefined ? await requireTemplate(options.manifest) : undefined;
+      if (template) {
+        if (command.getOptionValueSource('cpus') === 'default') options.cpus = template.meta.cpus;
+        if (command.getOptionValueSource('memory') === 'default') options.memory = template.meta.memoryMiB;
+      }
+      const ensureImage = template
+        ? () =>
+            templateBootImage(template, backend, {
+              cpus: options.cpus,
+              memoryMiB: options.memory,
+              addDirs: addDirs.length,
+              noSnapshot: !options.snapshot,
+            })
+        : ensureDefaultImage;
       const log = (line: string) => process.stderr.write(`mvmctl: ${line}\n`);
       if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
       const bootTimeoutMs = Number(process.env.MVM_BOOT_TIMEOUT || DEFAULT_BOOT_TIMEOUT_S) * 1000;
@@ -75,7 +99,7 @@ export function execCommand(): Command {
             verbose: options.verbose ?? false,
             progress: progressReporter({ force: options.verbose }),
           },
-          { backend, ensureImage: ensureDefaultImage, bootTimeoutMs },
+          { backend, ensureImage, bootTimeoutMs },
           signal,
         ).then((result) => result.exitCode),
       );

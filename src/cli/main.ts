@@ -4,6 +4,7 @@ import { EXIT_MVM_FAILURE, MvmError } from '../errors.js';
 import { compileCommand } from './compile.js';
 import { execCommand } from './exec.js';
 import { imageCommand } from './image.js';
+import { templateCommand } from './template.js';
 import { downCommand, lsCommand } from './vms.js';
 
 const packageJson = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -14,7 +15,7 @@ function program(): Command {
     .version(packageJson.version, '--version')
     .enablePositionalOptions()
     .showHelpAfterError(false);
-  for (const command of [execCommand(), lsCommand(), downCommand(), imageCommand(), compileCommand()]) root.addCommand(command);
+  for (const command of [execCommand(), lsCommand(), downCommand(), imageCommand(), templateCommand(), compileCommand()]) root.addCommand(command);
   // Commander's own usage errors become one `mvmctl: …` line and exit 125, like every other failure of mvmctl itself.
   const configure = (command: Command) => {
     command.exitOverride().configureOutput({ outputError: () => {} });

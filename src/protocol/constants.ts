@@ -16,7 +16,7 @@ export const AGENT_VSOCK_PORT = 5252;
 export const AGENT_PORT_NAME = 'org.mvm.agent';
 
 /** How often the host repeats HELLO until the agent answers (a virtio port drops bytes sent before the guest opens it). */
-export const HELLO_REPEAT_MS = 250;
+export const HELLO_REPEAT_MS = 50;
 
 export const HostType = {
   HELLO: 0x01,
