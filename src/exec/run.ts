@@ -1,11 +1,12 @@
 import type { Readable, Writable } from 'node:stream';
+import { rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { finished } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { driveSerial } from '../backends/qemu.js';
-import type { Backend, RunningVm } from '../backends/types.js';
+import type { Backend, RootDriveSpec, RunningVm, VmSpec } from '../backends/types.js';
 import { stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
 import { MvmError } from '../errors.js';
-import type { GuestImage } from '../image/index.js';
 import type { Progress } from '../progress.js';
 import { AgentSession, exitStatusToCode, type ExitStatus } from '../protocol/index.js';
 import { createVmDir, newVmName, processStartTicks, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
@@ -36,9 +37,40 @@ export interface ExecIo {
   progress: Progress;
 }
 
+/**
+ * What to boot: the default image (a GuestImage fits) or a template (src/templates/), which adds a
+ * root drive and possibly a snapshot to restore instead of booting.
+ */
+export interface BootImage {
+  kernel: string;
+  initrd?: string;
+  kernelArgs: readonly string[];
+  rootDrive?: RootDriveSpec;
+  /** A snapshot that fits this request (checked by the template code); tried before a cold boot. */
+  snapshot?: RestorePlan;
+  /** Name and directory of the template, recorded in the VM's directory so `template rm` sees it is in use. */
+  template?: { name: string; dir: string };
+  /** Why a snapshot the template has cannot be used: printed as one warning line before booting cold. */
+  snapshotWarning?: string;
+  /** Why a snapshot is not used for this request (--no-snapshot, --add-dir, other cpus): shown with -v. */
+  snapshotNote?: string;
+}
+
+export interface RestorePlan {
+  /** Guest RAM, mapped copy-on-write: the file is never written. */
+  memoryFile: string;
+  /** Device state written by the VMM when the snapshot was taken. */
+  stateFile: string;
+  /** The root drive as the snapshot saw it (its disk state at capture time), again copy-on-write. */
+  rootDrive?: RootDriveSpec;
+}
+
+/** Name of the file in a VM's directory naming the template directory it runs from. */
+export const TEMPLATE_MARKER_FILE = 'template';
+
 export interface ExecDeps {
   backend: Backend;
-  ensureImage: (options: { progress: Progress; signal: AbortSignal }) => Promise<GuestImage>;
+  ensureImage: (options: { progress: Progress; signal: AbortSignal }) => Promise<BootImage>;
   /** How long the guest may take from VMM start to the agent's answer. */
   bootTimeoutMs: number;
 }
@@ -52,6 +84,8 @@ export interface ExecResult {
 const HOST_DEADLINE_GRACE_MS = 5_000;
 /** How long a powered-off guest may take to end its VMM before it is killed. */
 const POWEROFF_WAIT_MS = 5_000;
+/** How long a restored guest may take to load and answer HELLO before we give up and boot cold. */
+const RESTORE_TIMEOUT_MS = 20_000;
 
 /**
  * Runs one command in a fresh microVM and tears the VM down whatever happens. Aborting `signal`
@@ -78,6 +112,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
       runDir,
     };
     await writeVmRecord(record);
+    if (image.template) await writeFile(join(runDir, TEMPLATE_MARKER_FILE), image.template.dir + '\n');
 
     const staged: StagedDir[] = [];
     for (const spec of request.addDirs) {
@@ -89,25 +124,40 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     if (!capabilities.kvm && process.env.MVM_NO_TCG_WARNING !== '1') {
       io.log('no usable /dev/kvm: emulating the CPU with QEMU TCG, which is much slower than KVM');
     }
-    vm = await deps.backend.start(
-      {
-        name,
-        runDir,
-        kernel: image.kernel,
-        initrd: image.initrd,
-        kernelArgs: image.kernelArgs,
-        cpus: request.cpus,
-        memoryMiB: request.memoryMiB,
-        drives: staged.map((dir) => ({ path: dir.imagePath, readOnly: dir.readOnly })),
-        onConsoleLine: io.verbose ? (line) => io.log(`[console] ${line}`) : undefined,
-      },
-      signal,
-    );
-    await writeVmRecord({ ...record, vmmPid: vm.vmmPid, vmmStartTicks: processStartTicks(vm.vmmPid) });
-    timings.mark('VMM started');
+    const spec: VmSpec = {
+      name,
+      runDir,
+      kernel: image.kernel,
+      initrd: image.initrd,
+      kernelArgs: image.kernelArgs,
+      cpus: request.cpus,
+      memoryMiB: request.memoryMiB,
+      drives: staged.map((dir) => ({ path: dir.imagePath, readOnly: dir.readOnly })),
+      ...(image.rootDrive ? { rootDrive: image.rootDrive } : {}),
+      onConsoleLine: io.verbose ? (line) => io.log(`[console] ${line}`) : undefined,
+    };
 
-    const session = await bootAgent(vm, deps.bootTimeoutMs, signal);
-    timings.mark(`agent ready (${session.agentVersion})`);
+    let session: AgentSession | undefined;
+    if (image.snapshotWarning) io.log(image.snapshotWarning);
+    else if (image.snapshotNote && io.verbose) io.log(image.snapshotNote);
+    if (image.snapshot && staged.length === 0) {
+      const restore = await restoreSnapshot(deps.backend, spec, image.snapshot, record, signal);
+      if ('session' in restore) {
+        ({ vm, session } = restore);
+        timings.mark(`restored from snapshot, agent ready (${session.agentVersion})`);
+      } else {
+        io.log(`${image.template ? `template ${image.template.name}: ` : ''}restoring the snapshot failed (${restore.error}); booting cold instead`);
+        timings.mark('snapshot restore failed');
+      }
+    }
+    if (!session || !vm) {
+      vm = await deps.backend.start(spec, signal);
+      await writeVmRecord({ ...record, vmmPid: vm.vmmPid, vmmStartTicks: processStartTicks(vm.vmmPid) });
+      timings.mark('VMM started');
+
+      session = await bootAgent(vm, deps.bootTimeoutMs, signal);
+      timings.mark(`agent ready (${session.agentVersion})`);
+    }
 
     for (const [index, dir] of staged.entries()) {
       await session.mount(`serial:${driveSerial(index)}`, dir.spec.guestPath, 'ext4', dir.readOnly).catch((error: Error) => {
@@ -140,6 +190,59 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
 }
 
 /**
+ * Restores a snapshot into a new VMM and opens a fresh agent session on it (its HELLO sets the guest
+ * clock and reseeds the guest RNG). Any failure kills that VMM and is returned, not thrown, so the
+ * caller can boot cold; only an abort (Ctrl-C) is thrown.
+ */
+async function restoreSnapshot(
+  backend: Backend,
+  cold: VmSpec,
+  plan: RestorePlan,
+  record: VmRecord,
+  signal: AbortSignal,
+): Promise<{ vm: RunningVm; session: AgentSession } | { error: string }> {
+  let vm: RunningVm | undefined;
+  const attempt = new AbortController();
+  const onAbort = () => attempt.abort(signal.reason);
+  signal.addEventListener('abort', onAbort, { once: true });
+  const timer = setTimeout(() => attempt.abort(new BootTimeout()), RESTORE_TIMEOUT_MS);
+  try {
+    vm = await backend.start(
+      {
+        ...cold,
+        memoryFile: { path: plan.memoryFile, shared: false },
+        incomingState: plan.stateFile,
+        ...(plan.rootDrive ? { rootDrive: plan.rootDrive } : {}),
+      },
+      attempt.signal,
+    );
+    await writeVmRecord({ ...record, vmmPid: vm.vmmPid, vmmStartTicks: processStartTicks(vm.vmmPid) });
+    const started = vm;
+    if (!started.finishRestore) throw new MvmError(`the ${backend.name} backend cannot restore snapshots`);
+    const died = started.exited.then(() => {
+      throw new MvmError(`the VMM exited: ${started.consoleTail(3).join(' | ') || 'no output'}`);
+    });
+    died.catch(() => {});
+    await Promise.race([started.finishRestore.call(started, attempt.signal), died]);
+    const session = await Promise.race([
+      (async () => AgentSession.connect(await started.connectAgent(attempt.signal), { signal: attempt.signal }))(),
+      died,
+    ]);
+    return { vm: started, session };
+  } catch (error) {
+    await vm?.kill();
+    if (signal.aborted) throw signal.reason;
+    // The cold boot reuses the VM directory: clear the restore attempt's sockets.
+    await Promise.all(['agent.sock', 'qmp.sock'].map((file) => rm(join(cold.runDir, file), { force: true })));
+    if (attempt.signal.reason instanceof BootTimeout) return { error: `no answer from the guest agent within ${RESTORE_TIMEOUT_MS / 1000} s` };
+    return { error: error instanceof Error ? error.message : String(error) };
+  } finally {
+    clearTimeout(timer);
+    signal.removeEventListener('abort', onAbort);
+  }
+}
+
+/**
  * Unmounts rw directories in the guest so their images are complete and clean; one that fails to
  * unmount is not synced back (its image may be inconsistent).
  */
@@ -163,7 +266,7 @@ async function bootAgent(vm: RunningVm, bootTimeoutMs: number, signal: AbortSign
   signal.addEventListener('abort', onAbort, { once: true });
   const timer = setTimeout(() => boot.abort(new BootTimeout()), bootTimeoutMs);
   const vmDied = vm.exited.then(() => {
-    throw new MvmError('the guest stopped during boot (kernel panic or bad image?)', 125, vm.consoleTail(20));
+    throw new MvmError('the VM stopped during boot (kernel panic or bad image?)', 125, vm.consoleTail(20));
   });
   try {
     return await Promise.race([
@@ -179,6 +282,10 @@ async function bootAgent(vm: RunningVm, bootTimeoutMs: number, signal: AbortSign
         vm.consoleTail(20),
       );
     }
+    // A VMM that fails at start-up (bad kernel, bad flags) can still accept the agent connection
+    // first; what the user needs is why it died, not the broken connection that followed.
+    const exited = await Promise.race([vm.exited, sleep(1000, undefined, { ref: false })]);
+    if (exited) throw new MvmError('the VM stopped during boot (kernel panic or bad image?)', 125, vm.consoleTail(20));
     throw error;
   } finally {
     clearTimeout(timer);

@@ -165,6 +165,16 @@ describe('mvmctl exec', () => {
     await assertNothingLeft();
   });
 
+  test('mvmctl failures name the cause: missing QEMU, unbootable kernel (with the console tail)', async () => {
+    const noQemu = await mvmctl(['exec', '--', 'true'], { ...env, MVM_QEMU: '/nonexistent/qemu-system-x86_64' });
+    assert.equal(noQemu.code, 125, noQemu.stderr);
+    assert.match(noQemu.stderr, /^mvmctl: QEMU not found .*apt-get install qemu-system-x86/);
+    const badKernel = await mvmctl(['exec', '--', 'true'], { ...env, MVM_KERNEL: '/etc/hostname' });
+    assert.equal(badKernel.code, 125, badKernel.stderr);
+    assert.match(badKernel.stderr, /^mvmctl: [^\n]+\n(  \| .*\n)+$/, 'one line, then the console/VMM tail');
+    await assertNothingLeft();
+  });
+
   test('bad input: one line, exit 125, no VM started', async () => {
     const cases = [
       ['exec', '--memory', 'lots', '--', 'true'],
