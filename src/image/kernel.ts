@@ -371,7 +371,7 @@ async function buildKernelInto(args: {
       onLine: (line) => {
         if (/^\s+(CC|AS)\s/.test(line)) compiled++;
         const now = Date.now();
-        if (now - lastReport >= 5000) {
+        if (now - lastReport >= 10_000) {
           lastReport = now;
           progress(`guest kernel: compiling, ${compiled} of ~${Math.max(compiled, EXPECTED_COMPILED_FILES)} files (${formatDuration(now - started)})`);
         }
