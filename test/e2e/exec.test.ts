@@ -123,6 +123,16 @@ describe('mvmctl exec', () => {
     });
   }
 
+  test('a reader that goes away (| head) ends the run with 141 and tears down', async () => {
+    const child = startMvmctl(['exec', '--', 'yes'], env);
+    const done = collect(child);
+    await waitForOutput(child, 'y\ny\n');
+    child.stdout!.destroy();
+    const result = await done;
+    assert.equal(result.code, 141, result.stderr);
+    await assertNothingLeft();
+  });
+
   test('SIGKILL of mvmctl: the VMM dies with it and the next ls reaps its state', async () => {
     const child = startMvmctl(['exec', '--', 'sh', '-c', 'echo ready; sleep 100'], env);
     const done = collect(child);
