@@ -167,6 +167,44 @@ async function rawChannelRate(image: GuestImage, initrd: string, work: string): 
   }
 }
 
+/**
+ * `exec --manifest` of one template (the default image, snapshot taken at the bench's size) restored
+ * from its snapshot vs booted cold with --no-snapshot, interleaved. Target: ratio <= 0.25.
+ */
+async function snapshotExec(work: string): Promise<void> {
+  const env = { ...process.env, MVM_STATE_DIR: join(work, 'state'), MVM_DATA_DIR: join(work, 'data'), MVM_NO_TCG_WARNING: '1' };
+  await run(mvmctl, ['template', 'build', 'bench', '--cpus', String(CPUS), '--memory', `${MEMORY_MIB}M`, '--snapshot'], env);
+  const restored: number[] = [];
+  const cold: number[] = [];
+  const restoredHello: number[] = [];
+  const coldHello: number[] = [];
+  for (let i = 0; i < Math.max(RUNS, 5); i++) {
+    restored.push(await timed(() => run(mvmctl, ['exec', '--manifest', 'bench', '--', 'true'], env)));
+    cold.push(await timed(() => run(mvmctl, ['exec', '--no-snapshot', '--manifest', 'bench', '--', 'true'], env)));
+    // The VM's share of it: from starting the VMM to the agent's answer, as mvmctl -v reports it.
+    restoredHello.push(await agentReadySeconds(['exec', '-v', '--manifest', 'bench', '--', 'true'], env, /restored from snapshot.*\(([\d.]+) s total\)/));
+    coldHello.push(await agentReadySeconds(['exec', '-v', '--no-snapshot', '--manifest', 'bench', '--', 'true'], env, /agent ready.*\(([\d.]+) s total\)/));
+  }
+  report('exec --manifest -- true, restored from snapshot (wall s)', median(restored), 'cold boot of the same template', median(cold), 0.25);
+  report('  VMM start -> agent ready, restored (s)', median(restoredHello), 'cold', median(coldHello), 0.25);
+}
+
+async function agentReadySeconds(args: string[], env: NodeJS.ProcessEnv, pattern: RegExp): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(mvmctl, args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      // From 'image ready' (just before the VMM starts) to the agent's answer, both as total seconds.
+      const match = pattern.exec(stderr);
+      const start = /image ready: .*\(([\d.]+) s total\)/.exec(stderr);
+      if (code !== 0 || !match || !start) reject(new Error(`mvmctl ${args.join(' ')} exited ${code}: ${stderr.slice(-500)}`));
+      else resolve(Number(match[1]) - Number(start[1]));
+    });
+  });
+}
+
 function report(what: string, value: number, baselineName: string, baseline: number, target: number | undefined): void {
   const ratio = value / baseline;
   console.log(
@@ -182,6 +220,7 @@ try {
   await coldExec(image, work);
   await timeToHello(image, work);
   await throughput(image, work);
+  await snapshotExec(work);
 } finally {
   await rm(work, { recursive: true, force: true });
 }

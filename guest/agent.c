@@ -45,6 +45,10 @@ struct mvm_sockaddr_vm {
 #define MVM_VMADDR_CID_ANY 0xffffffffu
 /* <linux/random.h>: RNDADDENTROPY = _IOW('R', 0x03, int[2]) */
 #define MVM_RNDADDENTROPY 0x40085203
+/* <linux/random.h>: RNDRESEEDCRNG = _IO('R', 0x07). Since Linux 5.18 added entropy only reaches
+ * the CRNG at its next scheduled reseed (up to a minute): clones of one snapshot would keep producing
+ * the same /dev/urandom bytes until then, so the agent forces the reseed. */
+#define MVM_RNDRESEEDCRNG 0x5207
 
 #define TX_CAP (256u * 1024u)
 #define CTRL_RESERVE 8192u
@@ -715,6 +719,8 @@ static void apply_clock_entropy(const struct mvm_h2g *m)
 		if (ioctl(fd, MVM_RNDADDENTROPY, &info) < 0 &&
 		    write(fd, m->u.hello.entropy, m->u.hello.n) < 0)
 			logmsg("adding entropy: %s", strerror(errno));
+		if (ioctl(fd, MVM_RNDRESEEDCRNG) < 0 && errno != ENODATA)
+			logmsg("reseeding the CRNG: %s", strerror(errno));
 	}
 	close(fd);
 }

@@ -6,6 +6,23 @@ export interface DriveSpec {
   readOnly: boolean;
 }
 
+/**
+ * A template's root file system drive. The guest finds it by its serial (`mvmroot`), not by its
+ * position. With `copyOnWrite` the guest's writes go to a throwaway overlay that dies with the VM
+ * (QEMU `snapshot=on`): the file itself is never written, so many VMs can share it.
+ */
+export interface RootDriveSpec {
+  path: string;
+  format: 'raw' | 'qcow2';
+  copyOnWrite: boolean;
+}
+
+/** Guest RAM backed by a file: `shared` (writes land in the file) to capture a snapshot, private copy-on-write to restore one. */
+export interface MemoryFileSpec {
+  path: string;
+  shared: boolean;
+}
+
 export interface VmSpec {
   /** Unique VM name, e.g. exec-1f2e-a81c. */
   name: string;
@@ -18,6 +35,16 @@ export interface VmSpec {
   cpus: number;
   memoryMiB: number;
   drives: readonly DriveSpec[];
+  /** A template's root drive (attached before `drives`, serial `mvmroot`). */
+  rootDrive?: RootDriveSpec;
+  /** Guest RAM in a file instead of anonymous memory (snapshots). */
+  memoryFile?: MemoryFileSpec;
+  /**
+   * Restore: the device state file of a snapshot. The VMM starts waiting for it; call
+   * `RunningVm.finishRestore` to load it and resume the guest. Needs `memoryFile` (private) with
+   * the snapshot's RAM and otherwise the same spec as the VM the snapshot was taken from.
+   */
+  incomingState?: string;
   /** Receives each line the guest prints on its serial console (the kernel log, init, the agent's diagnostics). */
   onConsoleLine?: (line: string) => void;
 }
@@ -44,6 +71,13 @@ export interface RunningVm {
   connectAgent(signal: AbortSignal): Promise<Duplex>;
   /** The last lines of the guest console, for diagnosing a failed boot. */
   consoleTail(maxLines: number): string[];
+  /**
+   * Snapshot capture (needs a shared `memoryFile`): pauses the guest, writes its device state to
+   * `statePath` and ends the VMM. The RAM file then holds the guest's memory.
+   */
+  saveSnapshot?(statePath: string, signal: AbortSignal): Promise<void>;
+  /** Restore (spec had `incomingState`): loads the device state and resumes the guest. */
+  finishRestore?(signal: AbortSignal): Promise<void>;
   /** Kills the VMM if it is still running and waits for it to be gone. Idempotent. */
   kill(): Promise<VmExit>;
 }
@@ -52,4 +86,8 @@ export interface Backend {
   readonly name: 'qemu' | 'firecracker';
   capabilities(): BackendCapabilities;
   start(spec: VmSpec, signal: AbortSignal): Promise<RunningVm>;
+  /** Identifies the VMM build a snapshot is tied to (e.g. `QEMU emulator version 7.2.22 …`). */
+  vmmVersion?(): Promise<string>;
+  /** The VMM binary's path, size and mtime: a cheap check that it is the build `vmmVersion` reported before. */
+  vmmIdentity?(): Promise<{ binary: string; size: number; mtimeMs: number }>;
 }

@@ -235,7 +235,7 @@ async function restoreSnapshot(
     // The cold boot reuses the VM directory: clear the restore attempt's sockets.
     await Promise.all(['agent.sock', 'qmp.sock'].map((file) => rm(join(cold.runDir, file), { force: true })));
     if (attempt.signal.reason instanceof BootTimeout) return { error: `no answer from the guest agent within ${RESTORE_TIMEOUT_MS / 1000} s` };
-    return { error: error instanceof Error ? error.message : String(error) };
+    return { error: (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, ' ') };
   } finally {
     clearTimeout(timer);
     signal.removeEventListener('abort', onAbort);

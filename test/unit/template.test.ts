@@ -1,0 +1,75 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import { qemuArgs } from '../../src/backends/qemu.js';
+import type { VmSpec } from '../../src/backends/types.js';
+import { MVM_ROOT_SCRIPT, TEMPLATE_INITTAB } from '../../src/templates/initramfs.js';
+import { requireTemplate, validateTemplateName } from '../../src/templates/store.js';
+
+const base: VmSpec = { name: 'vm', runDir: '/run/x', kernel: '/k', initrd: '/i', kernelArgs: [], cpus: 2, memoryMiB: 512, drives: [] };
+
+describe('QEMU arguments for templates and snapshots', () => {
+  test('a plain VM is unchanged: no memory backend, no monitor, no root drive', () => {
+    const args = qemuArgs(base, { kvm: false }).join(' ');
+    assert.match(args, /-M microvm,acpi=off /);
+    assert.doesNotMatch(args, /memory-backend|-qmp|-incoming|rootdrive/);
+  });
+
+  test('root drive: serial mvmroot, copy-on-write, before the --add-dir drives', () => {
+    const args = qemuArgs(
+      { ...base, rootDrive: { path: '/t/root,fs.ext4', format: 'raw', copyOnWrite: true }, drives: [{ path: '/d.img', readOnly: true }] },
+      { kvm: false },
+    );
+    const root = args.indexOf('file=/t/root,,fs.ext4,format=raw,if=none,id=rootdrive,snapshot=on');
+    assert.ok(root > 0, args.join(' '));
+    assert.equal(args[root + 2], 'virtio-blk-device,drive=rootdrive,serial=mvmroot');
+    assert.ok(args.indexOf('virtio-blk-device,drive=drive0,serial=mvm0') > root);
+  });
+
+  test('capture: RAM in a shared file and a monitor; restore: private mapping and -incoming defer', () => {
+    const capture = qemuArgs({ ...base, memoryFile: { path: '/s/ram', shared: true } }, { kvm: false });
+    assert.ok(capture.includes('microvm,acpi=off,memory-backend=mem'));
+    assert.ok(capture.includes('memory-backend-file,id=mem,mem-path=/s/ram,size=512M,share=on'));
+    assert.ok(capture.includes('unix:/run/x/qmp.sock,server=on,wait=off'));
+    assert.ok(!capture.includes('-incoming'));
+    const restore = qemuArgs({ ...base, memoryFile: { path: '/s/ram', shared: false }, incomingState: '/s/state' }, { kvm: false });
+    assert.ok(restore.includes('memory-backend-file,id=mem,mem-path=/s/ram,size=512M,share=off'));
+    assert.equal(restore[restore.indexOf('-incoming') + 1], 'defer');
+  });
+});
+
+describe('template boot scripts', () => {
+  test('init supervises the agent chrooted into the root drive found by serial', () => {
+    assert.match(TEMPLATE_INITTAB, /^::respawn:\/bin\/busybox chroot \/newroot \/\.mvm\/mvm-agent$/m);
+    assert.match(MVM_ROOT_SCRIPT, /= mvmroot \]/);
+    assert.match(MVM_ROOT_SCRIPT, /mount -t ext4 -o rw,noatime "\$dev" \/newroot/);
+    assert.match(MVM_ROOT_SCRIPT, /mount -o remount,ro \/newroot\/\.mvm/);
+  });
+});
+
+describe('template names and lookup', () => {
+  const data = mkdtempSync(join(tmpdir(), 'mvm-unit-tpl-'));
+  const saved = process.env.MVM_DATA_DIR;
+  process.env.MVM_DATA_DIR = data;
+  after(() => {
+    process.env.MVM_DATA_DIR = saved;
+    rmSync(data, { recursive: true, force: true });
+  });
+
+  test('names: letters, digits, . _ -; no leading dot, no slashes', () => {
+    for (const ok of ['py', 'debian-12', 'a.b_c']) validateTemplateName(ok);
+    for (const bad of ['', '.hidden', '-x', 'a/b', '..', 'a..b', 'x'.repeat(65), 'sp ace']) {
+      assert.throws(() => validateTemplateName(bad), /not a valid template name/, bad);
+    }
+  });
+
+  test('an unknown name is an MvmError (125) that says how to make one', async () => {
+    await assert.rejects(requireTemplate('nope'), (error: Error & { exitCode?: number }) => {
+      assert.equal(error.exitCode, 125);
+      assert.match(error.message, /no template named 'nope' \(there are none yet: create one with 'mvmctl template build nope'\)/);
+      return true;
+    });
+  });
+});
