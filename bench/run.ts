@@ -1,13 +1,15 @@
 // `npm run bench`: mvmctl against baselines measured side by side in the same run (runs interleaved,
 // medians), because these machines are shared and TCG speed drifts ±30 % from run to run.
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QemuBackend, agentSocketPath, hostTscKhz, qemuArgs } from '../src/backends/qemu.js';
+import { benchRoundTrip } from '../src/dirsync/index.js';
 import { writeCpio } from '../src/image/cpio.js';
 import { ensureDefaultImage, type GuestImage } from '../src/image/index.js';
 import { AgentSession } from '../src/protocol/index.js';
@@ -205,6 +207,30 @@ async function agentReadySeconds(args: string[], env: NodeJS.ProcessEnv, pattern
   });
 }
 
+/**
+ * --add-dir rw round trip of 100 MB / 1000 files with no guest changes: the host-side steps against
+ * the same steps by hand (mke2fs -d, debugfs rdump, rsync -aH --delete), and the whole exec against a
+ * plain exec, whose difference is what --add-dir adds on top of the boot.
+ */
+async function addDirRoundTrip(work: string): Promise<void> {
+  const steps = await benchRoundTrip(join(work, 'roundtrip'), Math.min(RUNS, 5));
+  report('--add-dir rw round trip, host steps (s)', steps.oursMs / 1000, 'same steps by hand', steps.byHandMs / 1000, 1.3);
+  const tree = join(work, 'tree');
+  for (let dir = 0; dir < 10; dir++) {
+    await mkdir(join(tree, `d${dir}`), { recursive: true });
+    for (let file = 0; file < 100; file++) await writeFile(join(tree, `d${dir}`, `f${file}`), randomBytes(100_000));
+  }
+  const env = { ...process.env, MVM_STATE_DIR: join(work, 'state'), MVM_NO_TCG_WARNING: '1' };
+  const withDir: number[] = [];
+  const plain: number[] = [];
+  for (let i = 0; i < Math.min(RUNS, 5); i++) {
+    withDir.push(await timed(() => run(mvmctl, ['exec', '--add-dir', `${tree}:/work:rw`, '--', 'true'], env)));
+    plain.push(await timed(() => run(mvmctl, ['exec', '--', 'true'], env)));
+  }
+  const added = median(withDir) - median(plain);
+  report('--add-dir rw 100 MB/1000 files, added to exec wall (s)', added, 'same steps by hand', steps.byHandMs / 1000, 1.3);
+}
+
 function report(what: string, value: number, baselineName: string, baseline: number, target: number | undefined): void {
   const ratio = value / baseline;
   console.log(
@@ -221,6 +247,7 @@ try {
   await timeToHello(image, work);
   await throughput(image, work);
   await snapshotExec(work);
+  await addDirRoundTrip(work);
 } finally {
   await rm(work, { recursive: true, force: true });
 }

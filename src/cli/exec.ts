@@ -34,7 +34,7 @@ export function execCommand(): Command {
     .usage('[options] -- CMD [ARGS...]')
     .argument('[command...]', 'the command and its arguments, run as given (no shell)')
     .option('--cpus <n>', 'virtual CPUs', parseIntegerIn(1, 64), 2)
-    .option('--memory <size>', 'guest memory: K/M/G suffix, bare number = MiB', parseMemory, 512)
+    .addOption(new Option('--memory <size>', 'guest memory: K/M/G suffix, bare number = MiB').argParser(parseMemory).default(512, '512M'))
     .option('--timeout <seconds>', 'kill the command (exit 124) after this many seconds', parseIntegerIn(1, 7 * 24 * 3600), 60)
     .option('-e, --env <KEY=VALUE>', 'set an environment variable in the guest (repeatable)', collect, [])
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")

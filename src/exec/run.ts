@@ -9,7 +9,7 @@ import { stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsy
 import { MvmError } from '../errors.js';
 import type { Progress } from '../progress.js';
 import { AgentSession, exitStatusToCode, type ExitStatus } from '../protocol/index.js';
-import { createVmDir, newVmName, processStartTicks, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
+import { createVmDir, listVms, newVmName, processStartTicks, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
 
 export interface ExecRequest {
   argv: string[];
@@ -96,6 +96,8 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   const image = await deps.ensureImage({ progress: io.progress, signal });
   timings.mark('image ready');
 
+  // Listing reaps what runs killed with SIGKILL left behind (state dirs, staging images).
+  await listVms();
   const name = newVmName();
   const runDir = await createVmDir(name);
   let vm: RunningVm | undefined;

@@ -148,6 +148,19 @@ describe('mvmctl exec', () => {
     await assertNothingLeft();
   });
 
+  test('SIGKILL of mvmctl: the next exec reaps the state the killed run left', async () => {
+    const child = startMvmctl(['exec', '--', 'sh', '-c', 'echo ready; sleep 100'], env);
+    const done = collect(child);
+    await waitForOutput(child, 'ready');
+    const [leftBehind] = runningVmDirs();
+    child.kill('SIGKILL');
+    await done;
+    const next = await mvmctl(['exec', '--', 'true'], env);
+    assert.equal(next.code, 0, next.stderr);
+    assert.ok(!runningVmDirs().includes(leftBehind));
+    await assertNothingLeft();
+  });
+
   test('4 concurrent execs all succeed', async () => {
     const results = await Promise.all([1, 2, 3, 4].map((n) => mvmctl(['exec', '--cpus', '1', '--', 'sh', '-c', `echo vm ${n}`], env)));
     results.forEach((result, index) => {
