@@ -14,7 +14,7 @@ import { type CpioEntry, normalizeCpioPath, writeCpio } from './cpio.js';
 const execFileAsync = promisify(execFile);
 
 /** Bump whenever the layout or the init scripts change: it is part of the image manifest. */
-export const INITRAMFS_LAYOUT_VERSION = 1;
+export const INITRAMFS_LAYOUT_VERSION = 2;
 
 /** Where things live inside the guest. */
 export const GUEST_INIT_PATH = '/sbin/init';
@@ -29,29 +29,15 @@ export const REQUIRED_APPLETS: readonly string[] = [
   'sed', 'dd', 'sync', 'seq', 'wc', 'id', 'hostname', 'ln',
 ];
 
-export const INITTAB = `# busybox init: mount the basics, then start (and respawn) the mvm guest agent.
-::sysinit:/etc/init.d/rcS
+/**
+ * busybox init (PID 1) starts the agent and respawns it if it dies. There is no rc script: the agent
+ * mounts /proc, /sys, /dev, /tmp, /run and sets the hostname itself at start (guest/agent.c,
+ * guest_setup), in system calls rather than one emulated process per step.
+ */
+export const INITTAB = `# busybox init: start (and respawn) the mvm guest agent, which sets up the early mounts itself.
 ::respawn:${GUEST_AGENT_PATH}
 ::ctrlaltdel:/bin/busybox reboot -f
 ::shutdown:/bin/busybox sync
-`;
-
-export const RCS = `#!/bin/sh
-# mvm guest early boot (run once by busybox init before the agent starts).
-mount -t proc -o nosuid,nodev,noexec proc /proc
-mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
-mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev 2>/dev/null
-mkdir -p /dev/pts /dev/shm
-mount -t devpts -o nosuid,noexec,gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
-mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
-mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
-ln -sf /proc/self/fd /dev/fd
-ln -sf /proc/self/fd/0 /dev/stdin
-ln -sf /proc/self/fd/1 /dev/stdout
-ln -sf /proc/self/fd/2 /dev/stderr
-hostname ${GUEST_HOSTNAME}
-ip link set lo up 2>/dev/null
 `;
 
 export const PASSWD = `root:x:0:0:root:/root:/bin/sh
@@ -90,7 +76,7 @@ export function initramfsEntries(inputs: InitramfsInputs): CpioEntry[] {
   const dirs: Array<[string, number]> = [
     ['bin', 0o755], ['sbin', 0o755], ['usr', 0o755], ['usr/bin', 0o755], ['usr/sbin', 0o755],
     ['usr/local', 0o755], ['usr/local/bin', 0o755], ['usr/local/sbin', 0o755],
-    ['etc', 0o755], ['etc/init.d', 0o755], ['dev', 0o755], ['proc', 0o555], ['sys', 0o555],
+    ['etc', 0o755], ['dev', 0o755], ['proc', 0o555], ['sys', 0o555],
     ['tmp', 0o1777], ['run', 0o755], ['root', 0o700], ['mnt', 0o755], ['var', 0o755], ['home', 0o755],
   ];
   for (const [path, mode] of dirs) add({ type: 'dir', path, mode });
@@ -109,7 +95,6 @@ export function initramfsEntries(inputs: InitramfsInputs): CpioEntry[] {
   add({ type: 'symlink', path: 'var/tmp', target: '/tmp' });
   add({ type: 'file', path: GUEST_AGENT_PATH, data: inputs.agent, mode: 0o755 });
   add({ type: 'file', path: 'etc/inittab', data: Buffer.from(INITTAB), mode: 0o644 });
-  add({ type: 'file', path: 'etc/init.d/rcS', data: Buffer.from(RCS), mode: 0o755 });
   add({ type: 'file', path: 'etc/passwd', data: Buffer.from(PASSWD), mode: 0o644 });
   add({ type: 'file', path: 'etc/group', data: Buffer.from(GROUP), mode: 0o644 });
   add({ type: 'file', path: 'etc/hostname', data: Buffer.from(GUEST_HOSTNAME + '\n'), mode: 0o644 });

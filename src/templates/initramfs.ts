@@ -4,11 +4,11 @@
  * the agent as in the default image, but the agent runs chrooted into the template's root drive, so
  * every command sees the user's file system as `/`:
  *
- *   1. rcS (the default image's) mounts /proc, /sys, /dev, /tmp, /run in the initramfs.
- *   2. mvm-root finds the drive whose virtio serial is `mvmroot`, mounts it (ext4) on /newroot, mounts
+ *   1. mvm-root mounts /proc, /sys and /dev in the initramfs, finds the drive whose virtio serial
+ *      is `mvmroot`, mounts it (ext4) on /newroot, mounts
  *      proc, sysfs, /dev (rbind), tmpfs /tmp and /run inside, and puts the agent on a read-only tmpfs
  *      at /newroot/.mvm (the reserved path).
- *   3. init respawns `chroot /newroot /.mvm/mvm-agent`.
+ *   2. init respawns `chroot /newroot /.mvm/mvm-agent`.
  *
  * Nothing of ours is written into the user's files: /.mvm and any missing mount points are added to
  * the ext4 image when it is built, and the agent only ever lives in memory.
@@ -23,10 +23,9 @@ export const RESERVED_DIR = '.mvm';
 /** Mount points mvmctl needs in the root file system; created in the image when the user's tree lacks them. */
 export const MOUNT_POINTS: readonly string[] = ['proc', 'sys', 'dev', 'tmp', 'run', RESERVED_DIR];
 /** Bump when the scripts below or the image layout change (part of the template metadata). */
-export const TEMPLATE_LAYOUT_VERSION = 1;
+export const TEMPLATE_LAYOUT_VERSION = 2;
 
 export const TEMPLATE_INITTAB = `# mvm template boot: busybox init (PID 1, in the initramfs) supervises the agent chrooted into the root drive.
-::sysinit:/etc/init.d/rcS
 ::sysinit:/etc/init.d/mvm-root
 ::respawn:/bin/busybox chroot /newroot /${RESERVED_DIR}/mvm-agent
 ::ctrlaltdel:/bin/busybox reboot -f
@@ -36,6 +35,9 @@ export const TEMPLATE_INITTAB = `# mvm template boot: busybox init (PID 1, in th
 export const MVM_ROOT_SCRIPT = `#!/bin/sh
 # mvm template boot, stage 2: mount the root drive (virtio serial ${ROOT_DRIVE_SERIAL}) and prepare it for the agent.
 fail() { echo "mvm-root: $*" > /dev/console; sync; reboot -f; sleep 60; }
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
 dev=
 for d in /sys/block/*; do
   [ "$(cat "$d/serial" 2>/dev/null)" = ${ROOT_DRIVE_SERIAL} ] && dev=/dev/\${d##*/}
@@ -60,6 +62,7 @@ export async function buildTemplateInitramfs(busyboxPath: string, agentPath: str
   const [busybox, agent, applets] = await Promise.all([readFile(busyboxPath), readFile(agentPath), listBusyboxApplets(busyboxPath)]);
   const entries = initramfsEntries({ busybox, agent, applets }).filter((e) => e.path !== 'etc/inittab');
   entries.push(
+    { type: 'dir', path: 'etc/init.d', mode: 0o755 },
     { type: 'file', path: 'etc/inittab', data: Buffer.from(TEMPLATE_INITTAB), mode: 0o644 },
     { type: 'file', path: 'etc/init.d/mvm-root', data: Buffer.from(MVM_ROOT_SCRIPT), mode: 0o755 },
     { type: 'dir', path: 'newroot', mode: 0o755 },

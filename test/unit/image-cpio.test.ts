@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 
 import { parseCpio, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, writeCpio, type CpioEntry } from '../../src/image/cpio.js';
-import { buildInitramfs, GUEST_AGENT_PATH, initramfsEntries, INITTAB, RCS, REQUIRED_APPLETS } from '../../src/image/initramfs.js';
+import { buildInitramfs, GUEST_AGENT_PATH, initramfsEntries, INITTAB, REQUIRED_APPLETS } from '../../src/image/initramfs.js';
 
 const hasCpio = spawnSync('cpio', ['--version']).status === 0;
 
@@ -109,11 +109,7 @@ describe('initramfs layout', () => {
     assert.equal(byPath.get('dev/console')!.mode, S_IFCHR | 0o600);
     assert.equal(byPath.get('dev/null')!.mode, S_IFCHR | 0o666);
     assert.equal(byPath.get('etc/inittab')!.data.toString(), INITTAB);
-    assert.match(INITTAB, /^::sysinit:\/etc\/init\.d\/rcS$/m);
     assert.match(INITTAB, /^::respawn:\/sbin\/mvm-agent$/m);
-    assert.equal(byPath.get('etc/init.d/rcS')!.mode, S_IFREG | 0o755);
-    assert.equal(byPath.get('etc/init.d/rcS')!.data.toString(), RCS);
-    for (const fs of ['proc /proc', 'sysfs /sys', 'devtmpfs /dev', 'tmpfs /tmp', 'tmpfs /run']) assert.ok(RCS.includes(fs), fs);
     assert.match(byPath.get('etc/passwd')!.data.toString(), /^root:x:0:0:/);
     assert.match(byPath.get('etc/group')!.data.toString(), /^root:x:0:/);
     assert.equal(byPath.get('root')!.mode, S_IFDIR | 0o700);
