@@ -6,12 +6,11 @@ import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MvmError } from '../errors.js';
+import { AGENT_PORT_NAME } from '../protocol/constants.js';
 import { findExecutable } from './which.js';
 import { ConsoleBuffer } from './console.js';
+import { driveSerial, ROOT_DRIVE_SERIAL } from './drives.js';
 import type { Backend, BackendCapabilities, RunningVm, VmExit, VmSpec } from './types.js';
-
-/** Serial of a template's root drive (`/sys/block/vdX/serial` in the guest). */
-export const ROOT_DRIVE_SERIAL = 'mvmroot';
 
 /** QEMU option values separate with commas; a comma inside a value is written twice. */
 function optionValue(value: string): string {
@@ -22,8 +21,6 @@ function shellQuote(value: string): string {
   return `'${value.replaceAll("'", `'\\''`)}'`;
 }
 
-/** Name of the virtio-serial port the guest agent listens on (docs/protocol.md, transports). */
-export const AGENT_PORT_NAME = 'org.mvm.agent';
 
 function kvmUsable(): boolean {
   try {
@@ -101,11 +98,6 @@ export function qemuArgs(spec: VmSpec, options: { kvm: boolean; tscKhz?: number 
     );
   });
   return args;
-}
-
-/** The ID a guest sees in /sys/block/vdX/serial for the index-th extra drive. */
-export function driveSerial(index: number): string {
-  return `mvm${index}`;
 }
 
 export function agentSocketPath(runDir: string): string {

@@ -3,7 +3,7 @@ import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { finished } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { driveSerial } from '../backends/qemu.js';
+import { driveSerial } from '../backends/drives.js';
 import type { Backend, RootDriveSpec, RunningVm, VmSpec } from '../backends/types.js';
 import { stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
 import { MvmError } from '../errors.js';

@@ -14,7 +14,7 @@
  * the ext4 image when it is built, and the agent only ever lives in memory.
  */
 import { readFile } from 'node:fs/promises';
-import { ROOT_DRIVE_SERIAL } from '../backends/qemu.js';
+import { ROOT_DRIVE_SERIAL } from '../backends/drives.js';
 import { writeCpio } from '../image/cpio.js';
 import { GUEST_AGENT_PATH, initramfsEntries, listBusyboxApplets } from '../image/initramfs.js';
 
