@@ -313,8 +313,10 @@ async function runCommand(session: AgentSession, vm: RunningVm, request: ExecReq
   if (handle.stdin) io.stdin.pipe(handle.stdin);
 
   let hostDeadline: NodeJS.Timeout | undefined;
+  let vmKilledByHost = false;
   const deadlinePassed = new Promise<ExitStatus>((resolve) => {
     hostDeadline = setTimeout(() => {
+      vmKilledByHost = true;
       void vm.kill();
       resolve({ kind: 'timedOut', code: 9, message: 'the guest missed its deadline; the VM was killed' });
     }, request.timeoutSeconds * 1000 + HOST_DEADLINE_GRACE_MS);
@@ -324,7 +326,9 @@ async function runCommand(session: AgentSession, vm: RunningVm, request: ExecReq
   });
   try {
     const status = await Promise.race([handle.exit, deadlinePassed, vmDied]);
-    if (status.kind !== 'timedOut') await Promise.all([finished(handle.stdout), finished(handle.stderr)]);
+    // Output written before EXIT is still on its way to io.stdout/io.stderr; only a VM the host had
+    // to kill leaves streams that will never end.
+    if (!vmKilledByHost) await Promise.all([finished(handle.stdout), finished(handle.stderr)]);
     if (status.kind === 'spawnFailed') io.log(status.message);
     if (status.kind === 'timedOut') io.log(`command timed out after ${request.timeoutSeconds} s`);
     return status;

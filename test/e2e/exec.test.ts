@@ -104,8 +104,10 @@ describe('mvmctl exec', () => {
   });
 
   test('--timeout expiry exits 124 soon after the deadline and tears down', async () => {
-    const result = await mvmctl(['exec', '--timeout', '3', '--', 'sleep', '100'], env);
+    const result = await mvmctl(['exec', '--timeout', '3', '--', 'sh', '-c', 'echo before the deadline; sleep 100'], env);
     assert.equal(result.code, 124, result.stderr);
+    assert.equal(result.stdout.toString(), 'before the deadline\n', 'output from before the deadline is kept');
+    assert.ok(result.seconds < 3 + 10, `exited ${result.seconds} s after start`);
     assert.match(result.stderr, /timed out after 3 s/);
     await assertNothingLeft();
   });
