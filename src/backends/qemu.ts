@@ -120,9 +120,18 @@ export class QemuBackend implements Backend {
     return { kvm: this.kvm, snapshots: true, vsock: false };
   }
 
-  async vmmVersion(): Promise<string> {
+  private qemuPath(): string {
     const qemu = findExecutable(this.qemuBinary);
-    if (!qemu) throw new MvmError(`QEMU not found (${this.qemuBinary})`);
+    if (!qemu) {
+      throw new MvmError(
+        `QEMU not found (${this.qemuBinary}): install it with 'apt-get install qemu-system-x86', or set MVM_QEMU to its path`,
+      );
+    }
+    return qemu;
+  }
+
+  async vmmVersion(): Promise<string> {
+    const qemu = this.qemuPath();
     return new Promise((resolve, reject) => {
       execFile(qemu, ['--version'], { timeout: 10_000, killSignal: 'SIGKILL' }, (error, stdout) => {
         if (error) reject(new MvmError(`${qemu} --version failed: ${error.message}`));
@@ -132,19 +141,13 @@ export class QemuBackend implements Backend {
   }
 
   async vmmIdentity(): Promise<{ binary: string; size: number; mtimeMs: number }> {
-    const qemu = findExecutable(this.qemuBinary);
-    if (!qemu) throw new MvmError(`QEMU not found (${this.qemuBinary})`);
+    const qemu = this.qemuPath();
     const info = await stat(qemu);
     return { binary: qemu, size: info.size, mtimeMs: info.mtimeMs };
   }
 
   async start(spec: VmSpec, signal: AbortSignal): Promise<RunningVm> {
-    const qemu = findExecutable(this.qemuBinary);
-    if (!qemu) {
-      throw new MvmError(
-        `QEMU not found (${this.qemuBinary}): install it with 'apt-get install qemu-system-x86', or set MVM_QEMU to its path`,
-      );
-    }
+    const qemu = this.qemuPath();
     const setpriv = findExecutable('setpriv');
     if (!setpriv) throw new MvmError(`setpriv not found: install util-linux ('apt-get install util-linux')`);
     signal.throwIfAborted();

@@ -8,7 +8,7 @@ import { mergeEnv, parseEnvAssignment } from '../launchplan/env.js';
 import type { LaunchPlan } from '../launchplan/index.js';
 import { progressReporter } from '../progress.js';
 import { requireTemplate, templateBootImage } from '../templates/index.js';
-import { collect, parseIntegerIn, parseMemory } from './parse.js';
+import { bootTimeoutFromEnv, collect, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
 
 interface ExecOptions {
@@ -25,8 +25,6 @@ interface ExecOptions {
   /** false with --no-snapshot. */
   snapshot: boolean;
 }
-
-const DEFAULT_BOOT_TIMEOUT_S = 60;
 
 export function execCommand(): Command {
   return new Command('exec')
@@ -76,7 +74,7 @@ export function execCommand(): Command {
         : ensureDefaultImage;
       const log = (line: string) => process.stderr.write(`mvmctl: ${line}\n`);
       if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
-      const bootTimeoutMs = Number(process.env.MVM_BOOT_TIMEOUT || DEFAULT_BOOT_TIMEOUT_S) * 1000;
+      const bootTimeoutMs = bootTimeoutFromEnv();
       process.exitCode = await runInterruptibly((signal) =>
         execInMicroVm(
           {

@@ -1,4 +1,5 @@
 import { InvalidArgumentError } from 'commander';
+import { MvmError } from '../errors.js';
 
 /** `--memory`: a size with a K/M/G suffix (binary units), or a bare number of MiB. Returns MiB. */
 export function parseMemory(value: string): number {
@@ -24,4 +25,15 @@ export function parseIntegerIn(min: number, max: number): (value: string) => num
 
 export function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
+}
+
+const DEFAULT_BOOT_TIMEOUT_S = 60;
+
+/** How long a guest may take from VMM start to its agent's answer: `MVM_BOOT_TIMEOUT` seconds, default 60. */
+export function bootTimeoutFromEnv(): number {
+  const raw = process.env.MVM_BOOT_TIMEOUT;
+  if (!raw) return DEFAULT_BOOT_TIMEOUT_S * 1000;
+  const seconds = Number(raw);
+  if (!(seconds > 0)) throw new MvmError(`MVM_BOOT_TIMEOUT=${raw} is not a number of seconds (e.g. 120)`);
+  return seconds * 1000;
 }

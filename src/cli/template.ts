@@ -17,14 +17,8 @@ import {
   type SnapshotMeta,
   type Template,
 } from '../templates/index.js';
-import { parseIntegerIn, parseMemory } from './parse.js';
+import { bootTimeoutFromEnv, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
-
-const DEFAULT_BOOT_TIMEOUT_S = 60;
-
-function bootTimeoutMs(): number {
-  return Number(process.env.MVM_BOOT_TIMEOUT || DEFAULT_BOOT_TIMEOUT_S) * 1000;
-}
 
 function mib(bytes: number): string {
   return `${(bytes / 1048576).toFixed(1)} MiB`;
@@ -123,7 +117,7 @@ export function templateCommand(): Command {
             backend,
             progress,
             signal,
-            bootTimeoutMs: bootTimeoutMs(),
+            bootTimeoutMs: bootTimeoutFromEnv(),
           });
           process.stdout.write(`${built.name}\n`);
           return 0;
@@ -215,7 +209,7 @@ export function templateCommand(): Command {
       const backend = selectBackend(options.backend);
       const progress = progressReporter({ force: options.verbose });
       process.exitCode = await runInterruptibly(async (signal) => {
-        await captureSnapshot(t, { backend, progress, signal, bootTimeoutMs: bootTimeoutMs() });
+        await captureSnapshot(t, { backend, progress, signal, bootTimeoutMs: bootTimeoutFromEnv() });
         return 0;
       });
     });

@@ -8,8 +8,9 @@ import type { Backend, RootDriveSpec, RunningVm, VmSpec } from '../backends/type
 import { stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
 import { MvmError } from '../errors.js';
 import type { Progress } from '../progress.js';
-import { AgentSession, exitStatusToCode, type ExitStatus } from '../protocol/index.js';
-import { createVmDir, listVms, newVmName, processStartTicks, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
+import { exitStatusToCode, type AgentSession, type ExitStatus } from '../protocol/index.js';
+import { createVmDir, listVms, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
+import { openAgentSession } from './agent-boot.js';
 
 export interface ExecRequest {
   argv: string[];
@@ -104,15 +105,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   // rw directories whose guest changes have not been brought back (yet): reported as discarded if the run ends early.
   const pendingSync = new Set<StagedDir>();
   try {
-    const record: VmRecord = {
-      name,
-      backend: deps.backend.name,
-      command: request.argv,
-      startedAt: new Date().toISOString(),
-      ownerPid: process.pid,
-      ownerStartTicks: processStartTicks(process.pid) ?? 0,
-      runDir,
-    };
+    const record = ownVmRecord({ name, backend: deps.backend.name, command: request.argv, runDir });
     await writeVmRecord(record);
     if (image.template) await writeFile(join(runDir, TEMPLATE_MARKER_FILE), image.template.dir + '\n');
 
@@ -154,10 +147,15 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     }
     if (!session || !vm) {
       vm = await deps.backend.start(spec, signal);
-      await writeVmRecord({ ...record, vmmPid: vm.vmmPid, vmmStartTicks: processStartTicks(vm.vmmPid) });
+      await recordVmm(record, vm.vmmPid);
       timings.mark('VMM started');
 
-      session = await bootAgent(vm, deps.bootTimeoutMs, signal);
+      session = await openAgentSession(vm, {
+        signal,
+        timeoutMs: deps.bootTimeoutMs,
+        guest: 'the guest',
+        timeoutHint: 'raise MVM_BOOT_TIMEOUT if the host is very slow',
+      });
       timings.mark(`agent ready (${session.agentVersion})`);
     }
 
@@ -204,10 +202,7 @@ async function restoreSnapshot(
   signal: AbortSignal,
 ): Promise<{ vm: RunningVm; session: AgentSession } | { error: string }> {
   let vm: RunningVm | undefined;
-  const attempt = new AbortController();
-  const onAbort = () => attempt.abort(signal.reason);
-  signal.addEventListener('abort', onAbort, { once: true });
-  const timer = setTimeout(() => attempt.abort(new BootTimeout()), RESTORE_TIMEOUT_MS);
+  const attempt = AbortSignal.any([signal, AbortSignal.timeout(RESTORE_TIMEOUT_MS)]);
   try {
     vm = await backend.start(
       {
@@ -216,31 +211,25 @@ async function restoreSnapshot(
         incomingState: plan.stateFile,
         ...(plan.rootDrive ? { rootDrive: plan.rootDrive } : {}),
       },
-      attempt.signal,
+      attempt,
     );
-    await writeVmRecord({ ...record, vmmPid: vm.vmmPid, vmmStartTicks: processStartTicks(vm.vmmPid) });
+    await recordVmm(record, vm.vmmPid);
     const started = vm;
     if (!started.finishRestore) throw new MvmError(`the ${backend.name} backend cannot restore snapshots`);
-    const died = started.exited.then(() => {
+    const died = started.exited.then((): never => {
       throw new MvmError(`the VMM exited: ${started.consoleTail(3).join(' | ') || 'no output'}`);
     });
     died.catch(() => {});
-    await Promise.race([started.finishRestore.call(started, attempt.signal), died]);
-    const session = await Promise.race([
-      (async () => AgentSession.connect(await started.connectAgent(attempt.signal), { signal: attempt.signal }))(),
-      died,
-    ]);
+    await Promise.race([started.finishRestore.call(started, attempt), died]);
+    const session = await openAgentSession(started, { signal: attempt, timeoutMs: RESTORE_TIMEOUT_MS, guest: 'the restored guest' });
     return { vm: started, session };
   } catch (error) {
     await vm?.kill();
     if (signal.aborted) throw signal.reason;
     // The cold boot reuses the VM directory: clear the restore attempt's sockets.
     await Promise.all(['agent.sock', 'qmp.sock'].map((file) => rm(join(cold.runDir, file), { force: true })));
-    if (attempt.signal.reason instanceof BootTimeout) return { error: `no answer from the guest agent within ${RESTORE_TIMEOUT_MS / 1000} s` };
+    if (attempt.aborted) return { error: `the restore took longer than ${RESTORE_TIMEOUT_MS / 1000} s` };
     return { error: (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, ' ') };
-  } finally {
-    clearTimeout(timer);
-    signal.removeEventListener('abort', onAbort);
   }
 }
 
@@ -260,43 +249,6 @@ async function unmountForSync(dirs: StagedDir[], session: AgentSession, io: Exec
   }
   return clean;
 }
-
-/** Connects to the agent, failing with the console's last lines when the guest dies or hangs first. */
-async function bootAgent(vm: RunningVm, bootTimeoutMs: number, signal: AbortSignal): Promise<AgentSession> {
-  const boot = new AbortController();
-  const onAbort = () => boot.abort(signal.reason);
-  signal.addEventListener('abort', onAbort, { once: true });
-  const timer = setTimeout(() => boot.abort(new BootTimeout()), bootTimeoutMs);
-  const vmDied = vm.exited.then(() => {
-    throw new MvmError('the VM stopped during boot (kernel panic or bad image?)', 125, vm.consoleTail(20));
-  });
-  try {
-    return await Promise.race([
-      (async () => AgentSession.connect(await vm.connectAgent(boot.signal), { signal: boot.signal }))(),
-      vmDied,
-    ]);
-  } catch (error) {
-    if (signal.aborted) throw signal.reason;
-    if (boot.signal.reason instanceof BootTimeout) {
-      throw new MvmError(
-        `the guest agent did not answer within ${Math.round(bootTimeoutMs / 1000)} s of boot (raise MVM_BOOT_TIMEOUT if the host is very slow)`,
-        125,
-        vm.consoleTail(20),
-      );
-    }
-    // A VMM that fails at start-up (bad kernel, bad flags) can still accept the agent connection
-    // first; what the user needs is why it died, not the broken connection that followed.
-    const exited = await Promise.race([vm.exited, sleep(1000, undefined, { ref: false })]);
-    if (exited) throw new MvmError('the VM stopped during boot (kernel panic or bad image?)', 125, vm.consoleTail(20));
-    throw error;
-  } finally {
-    clearTimeout(timer);
-    signal.removeEventListener('abort', onAbort);
-    vmDied.catch(() => {});
-  }
-}
-
-class BootTimeout extends Error {}
 
 async function runCommand(session: AgentSession, vm: RunningVm, request: ExecRequest, io: ExecIo, signal: AbortSignal): Promise<ExitStatus> {
   const handle = await session.exec({

@@ -54,6 +54,21 @@ function isSameProcess(pid: number | undefined, startTicks: number | undefined):
   return pid !== undefined && startTicks !== undefined && processStartTicks(pid) === startTicks;
 }
 
+/** The record of a VM this process owns, before its VMM has started. */
+export function ownVmRecord(fields: Pick<VmRecord, 'name' | 'backend' | 'command' | 'runDir'>): VmRecord {
+  return {
+    ...fields,
+    startedAt: new Date().toISOString(),
+    ownerPid: process.pid,
+    ownerStartTicks: processStartTicks(process.pid) ?? 0,
+  };
+}
+
+/** Records the VMM's pid as soon as it exists, so `ls`/`down` and the reaper can find it. */
+export async function recordVmm(record: VmRecord, vmmPid: number): Promise<void> {
+  await writeVmRecord({ ...record, vmmPid, vmmStartTicks: processStartTicks(vmmPid) });
+}
+
 export async function createVmDir(name: string): Promise<string> {
   await mkdir(vmsDir(), { recursive: true, mode: 0o700 });
   const runDir = join(vmsDir(), name);

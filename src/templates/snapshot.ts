@@ -18,8 +18,9 @@ import { runTool, lastLine } from '../dirsync/tools.js';
 import { MvmError } from '../errors.js';
 import type { RestorePlan } from '../exec/run.js';
 import { silentProgress, type Progress } from '../progress.js';
-import { AgentSession } from '../protocol/index.js';
-import { createVmDir, newVmName, processStartTicks, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
+import type { AgentSession } from '../protocol/index.js';
+import { openAgentSession } from '../exec/agent-boot.js';
+import { createVmDir, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord } from '../state/registry.js';
 import { sha256File } from '../image/index.js';
 import { SNAPSHOT_LINK, SNAPSHOT_META_FILE, swapSymlink, workName, type Template } from './store.js';
 
@@ -100,15 +101,7 @@ export async function captureSnapshot(template: Template, options: CaptureOption
       });
       if (res.code !== 0) throw new MvmError(`qemu-img create failed: ${lastLine(res.stderr)}`);
     }
-    const record: VmRecord = {
-      name,
-      backend: backend.name,
-      command: ['(template snapshot)', template.name],
-      startedAt: new Date().toISOString(),
-      ownerPid: process.pid,
-      ownerStartTicks: processStartTicks(process.pid) ?? 0,
-      runDir,
-    };
+    const record = ownVmRecord({ name, backend: backend.name, command: ['(template snapshot)', template.name], runDir });
     await writeVmRecord(record);
     const started = performance.now();
     vm = await backend.start(
@@ -126,23 +119,9 @@ export async function captureSnapshot(template: Template, options: CaptureOption
       },
       signal,
     );
-    await writeVmRecord({ ...record, vmmPid: vm.vmmPid, vmmStartTicks: processStartTicks(vm.vmmPid) });
+    await recordVmm(record, vm.vmmPid);
     const running = vm;
-    const boot = AbortSignal.any([signal, AbortSignal.timeout(options.bootTimeoutMs)]);
-    const died = running.exited.then((): never => {
-      throw new MvmError(`the template's guest stopped while booting for its snapshot`, 125, running.consoleTail(20));
-    });
-    died.catch(() => {});
-    let session: AgentSession;
-    try {
-      session = await Promise.race([(async () => AgentSession.connect(await running.connectAgent(boot), { signal: boot }))(), died]);
-    } catch (error) {
-      if (signal.aborted) throw error;
-      if (boot.aborted) {
-        throw new MvmError(`the template's guest agent did not answer within ${Math.round(options.bootTimeoutMs / 1000)} s`, 125, running.consoleTail(20));
-      }
-      throw error;
-    }
+    const session: AgentSession = await openAgentSession(running, { signal, timeoutMs: options.bootTimeoutMs, guest: "the template's guest" });
     const bootSeconds = (performance.now() - started) / 1000;
     const agentVersion = session.agentVersion;
     if (!running.saveSnapshot) throw new MvmError(`the ${backend.name} backend cannot take snapshots`);

@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { InvalidArgumentError } from 'commander';
-import { parseIntegerIn, parseMemory } from '../../src/cli/parse.js';
+import { bootTimeoutFromEnv, parseIntegerIn, parseMemory } from '../../src/cli/parse.js';
+import { MvmError } from '../../src/errors.js';
 import { ConsoleBuffer } from '../../src/backends/console.js';
 
 describe('--memory sizes', () => {
@@ -45,4 +46,21 @@ describe('guest console buffer', () => {
     assert.equal(buffer.tail(1_000_000).length, 200);
     assert.equal(buffer.tail(1)[0], 'line 9999');
   });
+});
+
+test('MVM_BOOT_TIMEOUT: seconds, default 60, nonsense refused in one line', () => {
+  const saved = process.env.MVM_BOOT_TIMEOUT;
+  try {
+    delete process.env.MVM_BOOT_TIMEOUT;
+    assert.equal(bootTimeoutFromEnv(), 60_000);
+    process.env.MVM_BOOT_TIMEOUT = '2.5';
+    assert.equal(bootTimeoutFromEnv(), 2_500);
+    for (const bad of ['abc', '0', '-3']) {
+      process.env.MVM_BOOT_TIMEOUT = bad;
+      assert.throws(() => bootTimeoutFromEnv(), MvmError, bad);
+    }
+  } finally {
+    if (saved === undefined) delete process.env.MVM_BOOT_TIMEOUT;
+    else process.env.MVM_BOOT_TIMEOUT = saved;
+  }
 });

@@ -6,22 +6,7 @@ import { after, before, describe, it } from 'node:test';
 import { compileCommand } from '../../src/cli/compile.js';
 import { MvmError } from '../../src/errors.js';
 import { compileManifest, loadLaunchPlan } from '../../src/launchplan/index.js';
-
-// Verbatim from the spec's `--launch-plan` section.
-const SPEC_IR = `{
-"apps": [
-{
-"name": "hello",
-"entrypoint": {
-"command": ["python", "main.py"],
-"working_dir": "/app",
-"env": { "PORT": "8080" }
-},
-"env": { "LOG_LEVEL": "info" }
-}
-]
-}
-`;
+import { SPEC_IR } from './launchplan-fixtures.js';
 
 const TWO_APPS = {
   apps: [

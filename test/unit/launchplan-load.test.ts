@@ -5,33 +5,8 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { MvmError } from '../../src/errors.js';
 import { loadLaunchPlan, mergeEnv, parseEnvAssignment } from '../../src/launchplan/index.js';
+import { SPEC_ARTIFACT, SPEC_IR } from './launchplan-fixtures.js';
 
-// Verbatim from the spec's `--launch-plan` section.
-const SPEC_ARTIFACT = `{
-"artifact_format_version": "1.0",
-"workload_id": "hello",
-"entrypoint": {
-"command": ["python", "main.py"],
-"working_dir": "/app",
-"env": { "PORT": "8080" }
-},
-"env": { "LOG_LEVEL": "info" }
-}
-`;
-const SPEC_IR = `{
-"apps": [
-{
-"name": "hello",
-"entrypoint": {
-"command": ["python", "main.py"],
-"working_dir": "/app",
-"env": { "PORT": "8080" }
-},
-"env": { "LOG_LEVEL": "info" }
-}
-]
-}
-`;
 
 let dir: string;
 let counter = 0;
