@@ -8,7 +8,9 @@ import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { QemuBackend, agentSocketPath, hostTscKhz, qemuArgs } from '../src/backends/qemu.js';
+import { QemuBackend, agentSocketPath, hostTscKhz, qemuArgs } from '../src/backends/qemu/index.js';
+import { accelChoice, type Accel } from '../src/accel/index.js';
+import { planBootAccel } from '../src/exec/boot.js';
 import { benchRoundTrip } from '../src/dirsync/index.js';
 import { writeCpio } from '../src/image/cpio.js';
 import { ensureDefaultImage, type GuestImage } from '../src/image/index.js';
@@ -60,8 +62,8 @@ function bareInitramfs(script: string): Buffer {
 
 function bareQemu(image: GuestImage, initrd: string, runDir: string): string[] {
   const args = qemuArgs(
-    { name: 'bench', runDir, kernel: image.kernel, initrd, kernelArgs: ['quiet', 'rdinit=/init'], cpus: CPUS, memoryMiB: MEMORY_MIB, drives: [] },
-    { kvm: new QemuBackend().capabilities().kvm, tscKhz: hostTscKhz() },
+    { name: 'bench', runDir, kernel: image.kernel, initrd, kernelArgs: ['quiet', 'rdinit=/init'], accel, cpus: CPUS, memoryMiB: MEMORY_MIB, drives: [] },
+    { tscKhz: hostTscKhz() },
   );
   return args;
 }
@@ -86,7 +88,7 @@ async function timeToHello(image: GuestImage, work: string): Promise<void> {
     const runDir = await mkdtemp(join(work, 'vm-'));
     const abort = new AbortController();
     const vm = await new QemuBackend().start(
-      { name: `bench-${i}`, runDir, kernel: image.kernel, initrd: image.initrd, kernelArgs: image.kernelArgs, cpus: CPUS, memoryMiB: MEMORY_MIB, drives: [] },
+      { name: `bench-${i}`, runDir, kernel: image.kernel, initrd: image.initrd, kernelArgs: image.kernelArgs, accel, cpus: CPUS, memoryMiB: MEMORY_MIB, drives: [] },
       abort.signal,
     );
     const start = performance.now();
@@ -239,10 +241,14 @@ function report(what: string, value: number, baselineName: string, baseline: num
   );
 }
 
+let accel: Accel = 'tcg';
 const work = await mkdtemp(join(tmpdir(), 'mvm-bench-'));
 try {
   const image = await ensureDefaultImage({});
-  console.log(`mvmctl bench: ${RUNS} interleaved runs each, ${CPUS} vCPUs, ${MEMORY_MIB} MiB, KVM: ${new QemuBackend().capabilities().kvm}`);
+  const plan = await planBootAccel(new QemuBackend(), accelChoice(undefined), image.kernelSha256, (line) => console.log(line));
+  // Bare QEMU has no fallback: until a boot has proven KVM on this host, the yardsticks run under TCG.
+  accel = plan.probe ? 'tcg' : plan.accel;
+  console.log(`mvmctl bench: ${RUNS} interleaved runs each, ${CPUS} vCPUs, ${MEMORY_MIB} MiB, accelerator: ${accel}`);
   await coldExec(image, work);
   await timeToHello(image, work);
   await throughput(image, work);

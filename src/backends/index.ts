@@ -1,5 +1,5 @@
 import { MvmError } from '../errors.js';
-import { QemuBackend } from './qemu.js';
+import { QemuBackend } from './qemu/index.js';
 import type { Backend } from './types.js';
 
 export type BackendChoice = 'auto' | 'qemu' | 'firecracker';
@@ -12,4 +12,4 @@ export function selectBackend(choice: BackendChoice): Backend {
   return new QemuBackend();
 }
 
-export type { Backend, BackendCapabilities, DriveSpec, RunningVm, VmExit, VmSpec } from './types.js';
+export type { Backend, BackendCapabilities, DriveSpec, GuestFailure, RunningVm, VmExit, VmSpec } from './types.js';

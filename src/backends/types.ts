@@ -1,4 +1,5 @@
 import type { Duplex } from 'node:stream';
+import type { Accel } from '../accel/index.js';
 
 /** An extra block device given to the guest, e.g. an `--add-dir` image. Appears as /dev/vdb, /dev/vdc… in order. */
 export interface DriveSpec {
@@ -32,6 +33,8 @@ export interface VmSpec {
   initrd?: string;
   /** Kernel command-line arguments the image needs; the backend adds its own (console, timers, agent transport). */
   kernelArgs: readonly string[];
+  /** KVM, or TCG software emulation (QEMU only); chosen by src/accel/ for this host. */
+  accel: Accel;
   cpus: number;
   memoryMiB: number;
   drives: readonly DriveSpec[];
@@ -50,8 +53,8 @@ export interface VmSpec {
 }
 
 export interface BackendCapabilities {
-  /** Hardware acceleration in use; without it the backend emulates the CPU (QEMU TCG) and is much slower. */
-  kvm: boolean;
+  /** Accelerators the backend can run a guest with (Firecracker: KVM only). */
+  accels: readonly Accel[];
   snapshots: boolean;
   vsock: boolean;
 }
@@ -61,12 +64,25 @@ export interface VmExit {
   signal: NodeJS.Signals | null;
 }
 
+/** Why a guest cannot go on, as its VMM reported it. */
+export interface GuestFailure {
+  /** One line for the user, e.g. `KVM internal error. Suberror: 1` or `the VMM exited (status 1)`. */
+  reason: string;
+  /** KVM could not run the guest (an internal error, a refused VM entry): under TCG it may well run. */
+  accelFailure: boolean;
+}
+
 export interface RunningVm {
   readonly name: string;
   /** PID of the VMM process itself (not a wrapper), recorded so `ls`/`down` can reap it. */
   readonly vmmPid: number;
   /** Settles when the VMM process has exited, however that happened. */
   readonly exited: Promise<VmExit>;
+  /**
+   * Settles (never rejects) as soon as the VMM reports that the guest cannot go on: the VMM exited,
+   * KVM failed to run it, or the VMM stopped it in an error state and would otherwise wait forever.
+   */
+  readonly failed: Promise<GuestFailure>;
   /** Opens the byte stream to the guest agent; the agent may not be listening yet (see AgentSession's HELLO retry). */
   connectAgent(signal: AbortSignal): Promise<Duplex>;
   /** The last lines of the guest console, for diagnosing a failed boot. */

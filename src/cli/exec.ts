@@ -8,7 +8,8 @@ import { mergeEnv, parseEnvAssignment } from '../launchplan/env.js';
 import type { LaunchPlan } from '../launchplan/index.js';
 import { progressReporter } from '../progress.js';
 import { requireTemplate, templateBootImage } from '../templates/index.js';
-import { bootTimeoutFromEnv, collect, parseIntegerIn, parseMemory } from './parse.js';
+import { accelChoice, type AccelChoice } from '../accel/index.js';
+import { accelOption, bootTimeoutFromEnv, collect, logLine, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
 
 interface ExecOptions {
@@ -18,6 +19,7 @@ interface ExecOptions {
   env: string[];
   interactive?: boolean;
   backend: BackendChoice;
+  accel?: AccelChoice;
   verbose?: boolean;
   launchPlan?: string;
   addDir: string[];
@@ -37,6 +39,7 @@ export function execCommand(): Command {
     .option('-e, --env <KEY=VALUE>', 'set an environment variable in the guest (repeatable)', collect, [])
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
     .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES).default('auto'))
+    .addOption(accelOption())
     .option('-v, --verbose', 'show the guest console and timings on stderr')
     .option('--add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back after a clean exit (repeatable)', collect, [])
     .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
@@ -72,7 +75,8 @@ export function execCommand(): Command {
               noSnapshot: !options.snapshot,
             })
         : ensureDefaultImage;
-      const log = (line: string) => process.stderr.write(`mvmctl: ${line}\n`);
+      const log = logLine;
+      const accel = accelChoice(options.accel);
       if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
       const bootTimeoutMs = bootTimeoutFromEnv();
       process.exitCode = await runInterruptibly((signal) =>
@@ -97,7 +101,7 @@ export function execCommand(): Command {
             verbose: options.verbose ?? false,
             progress: progressReporter({ force: options.verbose }),
           },
-          { backend, ensureImage, bootTimeoutMs },
+          { backend, ensureImage, bootTimeoutMs, accel },
           signal,
         ).then((result) => result.exitCode),
       );

@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { EXIT_MVM_FAILURE, MvmError } from '../errors.js';
 import { compileCommand } from './compile.js';
+import { doctorCommand } from './doctor.js';
 import { execCommand } from './exec.js';
 import { imageCommand } from './image.js';
 import { templateCommand } from './template.js';
@@ -15,7 +16,7 @@ function program(): Command {
     .version(packageJson.version, '--version')
     .enablePositionalOptions()
     .showHelpAfterError(false);
-  for (const command of [execCommand(), lsCommand(), downCommand(), imageCommand(), templateCommand(), compileCommand()]) root.addCommand(command);
+  for (const command of [execCommand(), lsCommand(), downCommand(), imageCommand(), templateCommand(), compileCommand(), doctorCommand()]) root.addCommand(command);
   // Commander's own usage errors become one `mvmctl: …` line and exit 125, like every other failure of mvmctl itself.
   const configure = (command: Command) => {
     command.exitOverride().configureOutput({ outputError: () => {} });

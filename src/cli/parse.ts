@@ -1,4 +1,5 @@
-import { InvalidArgumentError } from 'commander';
+import { InvalidArgumentError, Option } from 'commander';
+import { ACCEL_CHOICES } from '../accel/index.js';
 import { MvmError } from '../errors.js';
 
 /** `--memory`: a size with a K/M/G suffix (binary units), or a bare number of MiB. Returns MiB. */
@@ -36,4 +37,14 @@ export function bootTimeoutFromEnv(): number {
   const seconds = Number(raw);
   if (!(seconds > 0)) throw new MvmError(`MVM_BOOT_TIMEOUT=${raw} is not a number of seconds (e.g. 120)`);
   return seconds * 1000;
+}
+
+/** `--accel`: no commander default, so that `MVM_ACCEL` applies when the flag is absent (accelChoice). */
+export function accelOption(): Option {
+  return new Option('--accel <mode>', 'auto: KVM when it can run the guest, else TCG emulation; kvm; tcg (default: $MVM_ACCEL, else auto)').choices(ACCEL_CHOICES);
+}
+
+/** One line on stderr for warnings and notes, as every mvmctl command prints them. */
+export function logLine(line: string): void {
+  process.stderr.write(`mvmctl: ${line}\n`);
 }

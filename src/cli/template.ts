@@ -17,7 +17,8 @@ import {
   type SnapshotMeta,
   type Template,
 } from '../templates/index.js';
-import { bootTimeoutFromEnv, parseIntegerIn, parseMemory } from './parse.js';
+import { accelChoice, type AccelChoice } from '../accel/index.js';
+import { accelOption, bootTimeoutFromEnv, logLine, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
 
 function mib(bytes: number): string {
@@ -67,6 +68,7 @@ async function summary(template: Template) {
               cpus: snapshot.meta.cpus,
               memoryMiB: snapshot.meta.memoryMiB,
               vmm: snapshot.meta.vmm.version,
+              accel: snapshot.meta.accel ?? null,
               agentVersion: snapshot.meta.agentVersion,
               bootSeconds: snapshot.meta.bootSeconds,
               files: snapshot.meta.files,
@@ -96,14 +98,16 @@ export function templateCommand(): Command {
     .option('--disk-free <size>', 'free space in the root file system for the guest to write into (sparse)', parseMemory, 1024)
     .option('--snapshot', 'boot the template once and capture a snapshot that exec restores from')
     .addOption(new Option('--backend <name>', 'VMM to use for the snapshot').choices(BACKEND_CHOICES).default('auto'))
+    .addOption(accelOption())
     .option('-v, --verbose', 'show progress even when stderr is not a terminal')
     .action(
       async (
         name: string,
-        options: { rootfsDir?: string; rootfsTar?: string; kernel?: string; cpus: number; memory: number; diskFree: number; snapshot?: boolean; backend: BackendChoice; verbose?: boolean },
+        options: { rootfsDir?: string; rootfsTar?: string; kernel?: string; cpus: number; memory: number; diskFree: number; snapshot?: boolean; backend: BackendChoice; accel?: AccelChoice; verbose?: boolean },
       ) => {
         const progress = progressReporter({ force: options.verbose });
         const backend = selectBackend(options.backend);
+        const accel = accelChoice(options.accel);
         process.exitCode = await runInterruptibly(async (signal) => {
           const built = await buildTemplate({
             name,
@@ -118,6 +122,8 @@ export function templateCommand(): Command {
             progress,
             signal,
             bootTimeoutMs: bootTimeoutFromEnv(),
+            accel,
+            log: logLine,
           });
           process.stdout.write(`${built.name}\n`);
           return 0;
@@ -175,7 +181,7 @@ export function templateCommand(): Command {
             ? `snapshot:    none ('mvmctl template snapshot ${t.name}' takes one)`
             : info.snapshot.state === 'damaged'
               ? 'snapshot:    damaged (unreadable metadata)'
-              : `snapshot:    taken ${info.snapshot.createdAt} with ${info.snapshot.vmm}, ${info.snapshot.cpus} CPUs, ${info.snapshot.memoryMiB} MiB (agent ready ${info.snapshot.bootSeconds?.toFixed(2)} s after boot)`,
+              : `snapshot:    taken ${info.snapshot.createdAt} with ${info.snapshot.vmm} under ${info.snapshot.accel ?? 'an unrecorded accelerator'}, ${info.snapshot.cpus} CPUs, ${info.snapshot.memoryMiB} MiB (agent ready ${info.snapshot.bootSeconds?.toFixed(2)} s after boot)`,
           `in use by:   ${users.length ? users.join(', ') : 'no running VM'}`,
         ];
         if (problems) lines.push(`verify:      ${problems.length ? problems.join('; ') : 'all checksums match'}`);
@@ -199,17 +205,19 @@ export function templateCommand(): Command {
     .argument('<name>')
     .option('--rm', 'remove the template’s snapshot instead')
     .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES).default('auto'))
+    .addOption(accelOption())
     .option('-v, --verbose', 'show progress even when stderr is not a terminal')
-    .action(async (name: string, options: { rm?: boolean; backend: BackendChoice; verbose?: boolean }) => {
+    .action(async (name: string, options: { rm?: boolean; backend: BackendChoice; accel?: AccelChoice; verbose?: boolean }) => {
       const t = await requireTemplate(name);
       if (options.rm) {
         if (!(await removeSnapshot(t))) throw new MvmError(`template '${name}' has no snapshot`, 1);
         return;
       }
       const backend = selectBackend(options.backend);
+      const accel = accelChoice(options.accel);
       const progress = progressReporter({ force: options.verbose });
       process.exitCode = await runInterruptibly(async (signal) => {
-        await captureSnapshot(t, { backend, progress, signal, bootTimeoutMs: bootTimeoutFromEnv() });
+        await captureSnapshot(t, { backend, progress, signal, bootTimeoutMs: bootTimeoutFromEnv(), accel, log: logLine });
         return 0;
       });
     });

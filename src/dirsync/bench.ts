@@ -6,7 +6,7 @@ import { MvmError } from '../errors.js';
 import { parseAddDirSpec } from './spec.js';
 import { discardStaged, stageAddDir } from './stage.js';
 import { removeTree, syncBack } from './syncback.js';
-import { lastLine, runTool } from './tools.js';
+import { lastLine, runTool } from '../run-tool.js';
 
 export interface RoundTripBench {
   files: number;

@@ -2,7 +2,8 @@ import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MvmError } from '../errors.js';
 import { Ext4FormatError, Ext4Image, ROOT_INODE, S_IFDIR, S_IFMT, parseDirBlocks, unsupportedInode, type Inode } from './ext4.js';
-import { debugfsErrors, lastLine, runTool } from './tools.js';
+import { lastLine, runTool } from '../run-tool.js';
+import { debugfsErrors } from './debugfs-errors.js';
 
 export interface ImageEntry {
   /** Path relative to the image root as raw bytes (names need not be UTF-8); empty for the root. */

@@ -6,7 +6,7 @@ import { Ext4Image, ROOT_INODE } from './ext4.js';
 import { relKey, walkHost, type HostEntry } from './host-tree.js';
 import { debugfsScript, scanImage } from './image-tree.js';
 import { showSpec, type AddDirSpec } from './spec.js';
-import { lastLine, runTool } from './tools.js';
+import { lastLine, runTool } from '../run-tool.js';
 
 export interface StagedDir {
   spec: AddDirSpec;

@@ -11,7 +11,7 @@ import { joinRel } from './host-tree.js';
 import { debugfsScript, scanImage, UntrustedImageError, type ImageEntry, type ScanLimits } from './image-tree.js';
 import { showSpec } from './spec.js';
 import type { StagedDir } from './stage.js';
-import { lastLine, runTool } from './tools.js';
+import { lastLine, runTool } from '../run-tool.js';
 
 export interface SyncReport {
   /** Entries found in the guest's final tree. */

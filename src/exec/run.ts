@@ -10,7 +10,8 @@ import { MvmError } from '../errors.js';
 import type { Progress } from '../progress.js';
 import { exitStatusToCode, type AgentSession, type ExitStatus } from '../protocol/index.js';
 import { createVmDir, listVms, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
-import { openAgentSession } from './agent-boot.js';
+import type { Accel, AccelChoice, AccelPlan } from '../accel/index.js';
+import { bootVm, openAgentSession, planBootAccel } from './boot.js';
 
 export interface ExecRequest {
   argv: string[];
@@ -44,6 +45,8 @@ export interface ExecIo {
  */
 export interface BootImage {
   kernel: string;
+  /** The kernel's sha256: KVM's verdict on a host is kept per guest kernel. */
+  kernelSha256: string;
   initrd?: string;
   kernelArgs: readonly string[];
   rootDrive?: RootDriveSpec;
@@ -58,6 +61,8 @@ export interface BootImage {
 }
 
 export interface RestorePlan {
+  /** The accelerator the snapshot was taken under; a restore under the other one is not attempted. */
+  accel?: Accel;
   /** Guest RAM, mapped copy-on-write: the file is never written. */
   memoryFile: string;
   /** Device state written by the VMM when the snapshot was taken. */
@@ -74,6 +79,7 @@ export interface ExecDeps {
   ensureImage: (options: { progress: Progress; signal: AbortSignal }) => Promise<BootImage>;
   /** How long the guest may take from VMM start to the agent's answer. */
   bootTimeoutMs: number;
+  accel: AccelChoice;
 }
 
 export interface ExecResult {
@@ -96,6 +102,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   const timings = new Timings(io);
   const image = await deps.ensureImage({ progress: io.progress, signal });
   timings.mark('image ready');
+  const accel = await planBootAccel(deps.backend, deps.accel, image.kernelSha256, io.log);
 
   // Listing reaps what runs killed with SIGKILL left behind (state dirs, staging images).
   await listVms();
@@ -115,11 +122,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     }
     if (staged.length > 0) timings.mark('directories staged');
 
-    const capabilities = deps.backend.capabilities();
-    if (!capabilities.kvm && process.env.MVM_NO_TCG_WARNING !== '1') {
-      io.log('no usable /dev/kvm: emulating the CPU with QEMU TCG, which is much slower than KVM');
-    }
-    const spec: VmSpec = {
+    const spec: Omit<VmSpec, 'accel'> = {
       name,
       runDir,
       kernel: image.kernel,
@@ -135,8 +138,9 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     let session: AgentSession | undefined;
     if (image.snapshotWarning) io.log(image.snapshotWarning);
     else if (image.snapshotNote && io.verbose) io.log(image.snapshotNote);
-    if (image.snapshot && staged.length === 0) {
-      const restore = await restoreSnapshot(deps.backend, spec, image.snapshot, record, signal);
+    const snapshot = image.snapshot && staged.length === 0 ? usableSnapshot(image, accel, io) : undefined;
+    if (snapshot) {
+      const restore = await restoreSnapshot(deps.backend, { ...spec, accel: accel.accel }, snapshot, record, signal);
       if ('session' in restore) {
         ({ vm, session } = restore);
         timings.mark(`restored from snapshot, agent ready (${session.agentVersion})`);
@@ -146,17 +150,20 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
       }
     }
     if (!session || !vm) {
-      vm = await deps.backend.start(spec, signal);
-      await recordVmm(record, vm.vmmPid);
-      timings.mark('VMM started');
-
-      session = await openAgentSession(vm, {
+      const booted = await bootVm(deps.backend, spec, {
+        accel,
         signal,
         timeoutMs: deps.bootTimeoutMs,
         guest: 'the guest',
         timeoutHint: 'raise MVM_BOOT_TIMEOUT if the host is very slow',
+        log: io.log,
+        onVmmStarted: async (started) => {
+          await recordVmm(record, started.vmmPid);
+          timings.mark('VMM started');
+        },
       });
-      timings.mark(`agent ready (${session.agentVersion})`);
+      ({ vm, session } = booted);
+      timings.mark(`agent ready (${session.agentVersion}, ${accelName(booted.accel)})`);
     }
 
     for (const [index, dir] of staged.entries()) {
@@ -189,6 +196,31 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   }
 }
 
+function accelName(accel: Accel): string {
+  return accel === 'kvm' ? 'KVM' : 'TCG';
+}
+
+/**
+ * The image's snapshot when this run may restore it. A snapshot holds the CPU state of the
+ * accelerator it was taken under (KVM adds kvmclock and the host's CPU model), which the other one
+ * cannot load, so it is used only under the same one; a KVM that is not proven on this host boot
+ * yet is proven by a cold boot first.
+ */
+function usableSnapshot(image: BootImage, accel: AccelPlan, io: ExecIo): RestorePlan | undefined {
+  const snapshot = image.snapshot!;
+  const owner = image.template ? `template ${image.template.name}: ` : '';
+  if (snapshot.accel !== accel.accel) {
+    const taken = snapshot.accel ? `taken under ${accelName(snapshot.accel)}` : 'its accelerator is not recorded';
+    io.log(`${owner}not using its snapshot (${taken}, this run uses ${accelName(accel.accel)}); booting cold`);
+    return undefined;
+  }
+  if (accel.probe) {
+    if (io.verbose) io.log(`${owner}snapshot not used: KVM has not yet been proven on this host since it booted; booting cold`);
+    return undefined;
+  }
+  return snapshot;
+}
+
 /**
  * Restores a snapshot into a new VMM and opens a fresh agent session on it (its HELLO sets the guest
  * clock and reseeds the guest RNG). Any failure kills that VMM and is returned, not thrown, so the
@@ -216,8 +248,8 @@ async function restoreSnapshot(
     await recordVmm(record, vm.vmmPid);
     const started = vm;
     if (!started.finishRestore) throw new MvmError(`the ${backend.name} backend cannot restore snapshots`);
-    const died = started.exited.then((): never => {
-      throw new MvmError(`the VMM exited: ${started.consoleTail(3).join(' | ') || 'no output'}`);
+    const died = started.failed.then((failure): never => {
+      throw new MvmError(`${failure.reason}: ${started.consoleTail(3).join(' | ') || 'no output'}`);
     });
     died.catch(() => {});
     await Promise.race([started.finishRestore.call(started, attempt), died]);
@@ -273,8 +305,9 @@ async function runCommand(session: AgentSession, vm: RunningVm, request: ExecReq
       resolve({ kind: 'timedOut', code: 9, message: 'the guest missed its deadline; the VM was killed' });
     }, request.timeoutSeconds * 1000 + HOST_DEADLINE_GRACE_MS);
   });
-  const vmDied = vm.exited.then((): never => {
-    throw new MvmError('the VM stopped before the command finished (guest crash?)', 125, vm.consoleTail(20));
+  const vmDied = vm.failed.then((failure): never => {
+    const why = failure.reason.startsWith('the VMM exited') ? 'guest crash?' : failure.reason;
+    throw new MvmError(`the VM stopped before the command finished (${why})`, 125, vm.consoleTail(20));
   });
   try {
     const status = await Promise.race([handle.exit, deadlinePassed, vmDied]);

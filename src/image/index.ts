@@ -13,14 +13,14 @@
  *   <id>/manifest.json
  *   .lock                held by the process building
  */
-import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { promisify } from 'node:util';
 
 import { MvmError } from '../errors.js';
+import { writeFileAtomic } from '../fs-atomic.js';
+import { runTool } from '../run-tool.js';
 import { cacheDir } from '../paths.js';
 import { type Progress, silentProgress } from '../progress.js';
 import { type InitramfsCompression, buildInitramfsFromFiles, GUEST_INIT_PATH, INITRAMFS_LAYOUT_VERSION } from './initramfs.js';
@@ -31,7 +31,6 @@ import { AGENT_BINARY_PATH, BUSYBOX_PATH } from './repo.js';
 export { AGENT_BINARY_PATH, BUSYBOX_PATH, KERNEL_FRAGMENT_PATH, KERNEL_SOURCE_TARBALL } from './repo.js';
 export { GUEST_AGENT_PATH, GUEST_INIT_PATH, INITRAMFS_LAYOUT_VERSION } from './initramfs.js';
 
-const execFileAsync = promisify(execFile);
 
 export const DEFAULT_IMAGE_NAME = 'default-microvm';
 
@@ -84,6 +83,7 @@ export interface GuestImage {
   dir: string;
   /** Uncompressed ELF vmlinux (QEMU boots it via PVH; Firecracker wants this form). */
   kernel: string;
+  kernelSha256: string;
   /** newc cpio initramfs. */
   initrd: string;
   /** Kernel command line for this image (the backend appends tsc_early_khz and the agent transport). */
@@ -192,18 +192,13 @@ async function readManifest(path: string): Promise<ImageManifest | undefined> {
   }
 }
 
-async function writeFileAtomic(path: string, data: string | Buffer): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}-${Math.random().toString(36).slice(2)}`;
-  await writeFile(tmp, data);
-  await rename(tmp, path);
-}
-
 function toImage(root: string, manifest: ImageManifest): GuestImage {
   const dir = join(root, manifest.id);
   return {
     name: DEFAULT_IMAGE_NAME,
     dir,
     kernel: manifest.kernel.path,
+    kernelSha256: manifest.kernel.sha256,
     initrd: join(dir, manifest.initrd.file),
     kernelArgs: manifest.kernelArgs,
     ...(manifest.agent.version ? { agentVersion: manifest.agent.version } : {}),
@@ -318,7 +313,8 @@ function statsMoved(previous: ImageManifest, inputs: ResolvedInputs): boolean {
 /** `mvm-agent --version` (the agent is a static Linux binary, so it runs on the host too); undefined if that fails. */
 export async function agentVersion(agentPath: string): Promise<string | undefined> {
   try {
-    const { stdout } = await execFileAsync(agentPath, ['--version'], { timeout: 2000, killSignal: 'SIGKILL', maxBuffer: 4096 });
+    const { code, stdout } = await runTool(agentPath, ['--version'], { timeoutMs: 2000 });
+    if (code !== 0) return undefined;
     const line = stdout.split('\n')[0]!.trim();
     return line.length > 0 && line.length < 200 ? line : undefined;
   } catch {

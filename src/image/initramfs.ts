@@ -3,15 +3,12 @@
  * every applet), a tiny init configuration and the mvm guest agent, which busybox init starts and
  * respawns. No root privileges are needed to build it (see cpio.ts).
  */
-import { execFile } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
-import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 
 import { MvmError } from '../errors.js';
+import { lastLine, runTool } from '../run-tool.js';
 import { type CpioEntry, normalizeCpioPath, writeCpio } from './cpio.js';
-
-const execFileAsync = promisify(execFile);
 
 /** Bump whenever the layout or the init scripts change: it is part of the image manifest. */
 export const INITRAMFS_LAYOUT_VERSION = 2;
@@ -126,12 +123,11 @@ export function buildInitramfs(inputs: InitramfsInputs, compression: InitramfsCo
 
 /** Applet install paths of a busybox binary (`busybox --list-full`), sorted. */
 export async function listBusyboxApplets(busyboxPath: string): Promise<string[]> {
-  try {
-    const { stdout } = await execFileAsync(busyboxPath, ['--list-full'], { maxBuffer: 1 << 20 });
-    return stdout.split('\n').map((l) => l.trim()).filter((l) => l.length > 0).sort();
-  } catch (err) {
-    throw new MvmError(`cannot list the applets of ${busyboxPath}: ${(err as Error).message.split('\n')[0]} (install the Debian package busybox-static)`);
+  const result = await runTool(busyboxPath, ['--list-full'], { timeoutMs: 10_000 }).catch((err: Error) => ({ code: -1, stdout: '', stderr: err.message }));
+  if (result.code !== 0) {
+    throw new MvmError(`cannot list the applets of ${busyboxPath}: ${lastLine(result.stderr)} (install the Debian package busybox-static)`);
   }
+  return result.stdout.split('\n').map((l) => l.trim()).filter((l) => l.length > 0).sort();
 }
 
 /** Reads busybox and the agent from the host and builds the archive. */

@@ -5,14 +5,15 @@
  * tarball's identity at `<cacheDir>/kernels/<key>/vmlinux`; built in a temporary directory and
  * renamed into place, so an interrupted or concurrent build never leaves a half-written kernel.
  */
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { access, copyFile, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
-import { delimiter, join } from 'node:path';
+import { join } from 'node:path';
 
 import { MvmError } from '../errors.js';
+import { runTool } from '../run-tool.js';
+import { findExecutable } from '../which.js';
 import { type Progress, silentProgress } from '../progress.js';
 import { pidAlive, withLock } from './lock.js';
 import { KERNEL_FRAGMENT_PATH, KERNEL_SOURCE_TARBALL } from './repo.js';
@@ -118,19 +119,6 @@ export const BUILD_TOOLS: ReadonlyArray<readonly [tool: string, pkg: string]> = 
   ['perl', 'perl'],
 ];
 
-async function onPath(tool: string, pathEnv = process.env.PATH ?? ''): Promise<boolean> {
-  for (const dir of pathEnv.split(delimiter)) {
-    if (!dir) continue;
-    try {
-      await access(join(dir, tool), fsConstants.X_OK);
-      return true;
-    } catch {
-      // keep looking
-    }
-  }
-  return false;
-}
-
 /** Throws an MvmError naming the Debian packages to install when something the build needs is missing. */
 export async function checkKernelBuildPrerequisites(sourceTarball: string): Promise<void> {
   const hint = 'or set MVM_KERNEL=/path/to/vmlinux to use a kernel you built';
@@ -142,7 +130,7 @@ export async function checkKernelBuildPrerequisites(sourceTarball: string): Prom
     );
   }
   const missing: string[] = [];
-  for (const [tool, pkg] of BUILD_TOOLS) if (!(await onPath(tool))) missing.push(`${tool} (${pkg})`);
+  for (const [tool, pkg] of BUILD_TOOLS) if (!findExecutable(tool)) missing.push(`${tool} (${pkg})`);
   const libelf = await access('/usr/include/libelf.h').then(() => true, () => false);
   if (!libelf) missing.push('libelf.h (libelf-dev)');
   if (missing.length > 0) {
@@ -153,52 +141,38 @@ export async function checkKernelBuildPrerequisites(sourceTarball: string): Prom
 // ---------------------------------------------------------------------------------------------
 // Running the build
 
+/** A kernel build step (make of the whole kernel on a slow host included) that runs longer is stuck. */
+const BUILD_STEP_TIMEOUT_MS = 3 * 3600_000;
+
 interface RunResult {
   tail: string[];
 }
 
-/** Runs a command, feeding each output line to `onLine`; rejects with the output's tail on failure. */
-function runCommand(
+/** Runs a build step, feeding each output line to `onLine`; rejects with the output's tail on failure. */
+async function runCommand(
   command: string,
   args: string[],
   options: { cwd: string; env?: NodeJS.ProcessEnv; signal?: AbortSignal; onLine?: (line: string) => void; what: string },
 ): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    options.signal?.throwIfAborted();
-    const child = spawn(command, args, { cwd: options.cwd, env: options.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] });
-    const tail: string[] = [];
-    const feed = (stream: NodeJS.ReadableStream): void => {
-      let pending = '';
-      stream.setEncoding('utf8');
-      stream.on('data', (chunk: string) => {
-        pending += chunk;
-        const lines = pending.split('\n');
-        pending = lines.pop()!;
-        for (const line of lines) {
-          tail.push(line);
-          if (tail.length > 40) tail.shift();
-          options.onLine?.(line);
-        }
-      });
-    };
-    feed(child.stdout!);
-    feed(child.stderr!);
-    const onAbort = (): void => {
-      // make passes SIGTERM on to the compilers it started.
-      child.kill('SIGTERM');
-    };
-    options.signal?.addEventListener('abort', onAbort, { once: true });
-    child.on('error', (err) => {
-      options.signal?.removeEventListener('abort', onAbort);
-      reject(new MvmError(`${options.what}: cannot run ${command}: ${err.message}`));
-    });
-    child.on('close', (code, sig) => {
-      options.signal?.removeEventListener('abort', onAbort);
-      if (options.signal?.aborted) return reject(new MvmError(`${options.what}: interrupted`, 130));
-      if (code === 0) return resolve({ tail });
-      reject(new MvmError(`${options.what} failed (${sig ? 'signal ' + sig : 'exit status ' + code})`, 125, tail.slice(-25)));
-    });
+  const tail: string[] = [];
+  const result = await runTool(command, args, {
+    cwd: options.cwd,
+    env: options.env ?? process.env,
+    signal: options.signal,
+    // make passes SIGTERM on to the compilers it started.
+    abortSignal: 'SIGTERM',
+    timeoutMs: BUILD_STEP_TIMEOUT_MS,
+    onLine: (line) => {
+      tail.push(line);
+      if (tail.length > 40) tail.shift();
+      options.onLine?.(line);
+    },
+  }).catch((err: Error) => {
+    if (options.signal?.aborted) throw new MvmError(`${options.what}: interrupted`, 130);
+    throw new MvmError(`${options.what}: ${err.message}`);
   });
+  if (result.code !== 0) throw new MvmError(`${options.what} failed (exit status ${result.code})`, 125, tail.slice(-25));
+  return { tail };
 }
 
 function formatDuration(ms: number): string {

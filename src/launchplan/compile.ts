@@ -2,10 +2,10 @@
  * `mvmctl compile`: turns a Workload IR manifest into launch.json artifacts that `loadLaunchPlan`
  * reads back as the same argv, cwd and env.
  */
-import { randomBytes } from 'node:crypto';
-import { mkdir, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { mkdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
 import { MvmError } from '../errors.js';
+import { writeFileAtomic } from '../fs-atomic.js';
 import { formatJsonPath, readPlanFile } from './read.js';
 import type { App, Artifact } from './schema.js';
 
@@ -93,12 +93,7 @@ async function ensureDirectory(dir: string): Promise<void> {
 }
 
 async function writeAtomically(target: string, content: string): Promise<void> {
-  const temp = join(dirname(target), `.${basename(target)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
-  try {
-    await writeFile(temp, content, { flag: 'wx' });
-    await rename(temp, target);
-  } catch (err) {
-    await rm(temp, { force: true });
-    throw new MvmError(`cannot write ${target}: ${(err as Error).message}`);
-  }
+  await writeFileAtomic(target, content).catch((err: Error) => {
+    throw new MvmError(`cannot write ${target}: ${err.message}`);
+  });
 }

@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MvmError } from '../errors.js';
+import { writeFileAtomic } from '../fs-atomic.js';
 import { stateDir } from '../paths.js';
 
 /** What `ls` shows and `down` and the reaper act on; one `state.json` per VM directory. */
@@ -77,9 +78,7 @@ export async function createVmDir(name: string): Promise<string> {
 }
 
 export async function writeVmRecord(record: VmRecord): Promise<void> {
-  const file = join(record.runDir, RECORD_FILE);
-  await writeFile(`${file}.tmp`, JSON.stringify(record, null, 2) + '\n', { mode: 0o600 });
-  await rename(`${file}.tmp`, file);
+  await writeFileAtomic(join(record.runDir, RECORD_FILE), JSON.stringify(record, null, 2) + '\n', 0o600);
 }
 
 export async function removeVmDir(runDir: string): Promise<void> {

@@ -5,8 +5,10 @@
  */
 import { copyFile, lstat, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
+import type { AccelChoice } from '../accel/index.js';
 import type { Backend } from '../backends/types.js';
-import { lastLine, runTool, debugfsErrors } from '../dirsync/tools.js';
+import { debugfsErrors } from '../dirsync/debugfs-errors.js';
+import { lastLine, runTool } from '../run-tool.js';
 import { MvmError } from '../errors.js';
 import { agentVersion, DEFAULT_KERNEL_ARGS, ensureDefaultImage, sha256File } from '../image/index.js';
 import { silentProgress, type Progress } from '../progress.js';
@@ -41,6 +43,9 @@ export interface BuildOptions {
   progress?: Progress;
   signal: AbortSignal;
   bootTimeoutMs: number;
+  /** The accelerator of the snapshot boot. */
+  accel: AccelChoice;
+  log: (line: string) => void;
 }
 
 const MiB = 1024 ** 2;
@@ -109,7 +114,14 @@ export async function buildTemplate(options: BuildOptions): Promise<Template> {
     await writeFile(join(dir, TEMPLATE_META_FILE), JSON.stringify(meta, null, 2) + '\n');
     const template: Template = { name: options.name, dir, meta };
     if (options.snapshot) {
-      await captureSnapshot(template, { backend: options.backend, progress, signal: options.signal, bootTimeoutMs: options.bootTimeoutMs });
+      await captureSnapshot(template, {
+        backend: options.backend,
+        progress,
+        signal: options.signal,
+        bootTimeoutMs: options.bootTimeoutMs,
+        accel: options.accel,
+        log: options.log,
+      });
     }
     options.signal.throwIfAborted();
     const previous = await findTemplate(options.name);

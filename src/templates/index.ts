@@ -19,6 +19,7 @@ export async function templateBootImage(template: Template, backend: Backend, re
   const meta = template.meta;
   return {
     kernel: join(template.dir, meta.kernel.file),
+    kernelSha256: meta.kernel.sha256,
     initrd: join(template.dir, meta.initrd.file),
     kernelArgs: meta.kernelArgs,
     ...(meta.rootfs ? { rootDrive: { path: join(template.dir, meta.rootfs.file), format: 'raw' as const, copyOnWrite: true } } : {}),

@@ -14,12 +14,13 @@
 import { mkdir, readFile, realpath, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Backend, RunningVm } from '../backends/types.js';
-import { runTool, lastLine } from '../dirsync/tools.js';
+import { lastLine, runTool } from '../run-tool.js';
 import { MvmError } from '../errors.js';
 import type { RestorePlan } from '../exec/run.js';
 import { silentProgress, type Progress } from '../progress.js';
 import type { AgentSession } from '../protocol/index.js';
-import { openAgentSession } from '../exec/agent-boot.js';
+import { bootVm, planBootAccel } from '../exec/boot.js';
+import type { Accel, AccelChoice } from '../accel/index.js';
 import { createVmDir, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord } from '../state/registry.js';
 import { sha256File } from '../image/index.js';
 import { SNAPSHOT_LINK, SNAPSHOT_META_FILE, swapSymlink, workName, type Template } from './store.js';
@@ -38,6 +39,8 @@ export interface SnapshotMeta {
   template: string;
   createdAt: string;
   backend: string;
+  /** The accelerator the snapshot was taken under: its CPU state only loads under the same one. */
+  accel: Accel;
   /** What the snapshot was taken from: all must still match for a restore. */
   kernelSha256: string;
   initrdSha256: string;
@@ -63,6 +66,9 @@ export interface CaptureOptions {
   progress?: Progress;
   signal: AbortSignal;
   bootTimeoutMs: number;
+  accel: AccelChoice;
+  /** Warnings (the accelerator's fallback to TCG). */
+  log: (line: string) => void;
 }
 
 function inputFiles(template: Template): string[] {
@@ -103,8 +109,10 @@ export async function captureSnapshot(template: Template, options: CaptureOption
     }
     const record = ownVmRecord({ name, backend: backend.name, command: ['(template snapshot)', template.name], runDir });
     await writeVmRecord(record);
+    const accel = await planBootAccel(backend, options.accel, template.meta.kernel.sha256, options.log);
     const started = performance.now();
-    vm = await backend.start(
+    const booted = await bootVm(
+      backend,
       {
         name,
         runDir,
@@ -117,11 +125,18 @@ export async function captureSnapshot(template: Template, options: CaptureOption
         ...(template.meta.rootfs ? { rootDrive: { path: join(snapDir, 'disk.qcow2'), format: 'qcow2' as const, copyOnWrite: false } } : {}),
         memoryFile: { path: join(snapDir, 'ram'), shared: true },
       },
-      signal,
+      {
+        accel,
+        signal,
+        timeoutMs: options.bootTimeoutMs,
+        guest: "the template's guest",
+        log: options.log,
+        onVmmStarted: (started) => recordVmm(record, started.vmmPid),
+      },
     );
-    await recordVmm(record, vm.vmmPid);
-    const running = vm;
-    const session: AgentSession = await openAgentSession(running, { signal, timeoutMs: options.bootTimeoutMs, guest: "the template's guest" });
+    vm = booted.vm;
+    const running = booted.vm;
+    const session: AgentSession = booted.session;
     const bootSeconds = (performance.now() - started) / 1000;
     const agentVersion = session.agentVersion;
     if (!running.saveSnapshot) throw new MvmError(`the ${backend.name} backend cannot take snapshots`);
@@ -136,6 +151,7 @@ export async function captureSnapshot(template: Template, options: CaptureOption
       template: template.name,
       createdAt: new Date().toISOString(),
       backend: backend.name,
+      accel: booted.accel,
       kernelSha256: template.meta.kernel.sha256,
       initrdSha256: template.meta.initrd.sha256,
       ...(template.meta.rootfs ? { rootfsSha256: template.meta.rootfs.sha256 } : {}),
@@ -244,6 +260,7 @@ export async function decideSnapshot(template: Template, backend: Backend, reque
   }
   return {
     plan: {
+      accel: meta.accel,
       memoryFile: join(dir, meta.files.ram.file),
       stateFile: join(dir, meta.files.state.file),
       ...(meta.files.disk ? { rootDrive: { path: join(dir, meta.files.disk.file), format: 'qcow2' as const, copyOnWrite: true } } : {}),

@@ -1,5 +1,6 @@
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -86,4 +87,12 @@ export function vmmPidsMentioning(marker: string): number[] {
     }
   }
   return pids;
+}
+
+/** No VMM process and no VM state directory may outlive a run (the VMM is reaped just after mvmctl exits). */
+export async function assertNoVmLeft(stateDir: string): Promise<void> {
+  for (let i = 0; i < 50 && vmmPidsMentioning(stateDir).length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.deepEqual(vmmPidsMentioning(stateDir), [], 'no VMM process may outlive its run');
+  const vms = join(stateDir, 'vms');
+  assert.deepEqual(existsSync(vms) ? readdirSync(vms) : [], [], 'no state dir may outlive its run');
 }

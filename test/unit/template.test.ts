@@ -3,24 +3,40 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
-import { qemuArgs } from '../../src/backends/qemu.js';
+import { qemuArgs } from '../../src/backends/qemu/index.js';
 import type { VmSpec } from '../../src/backends/types.js';
 import { MVM_ROOT_SCRIPT, TEMPLATE_INITTAB } from '../../src/templates/initramfs.js';
 import { requireTemplate, validateTemplateName } from '../../src/templates/store.js';
 
-const base: VmSpec = { name: 'vm', runDir: '/run/x', kernel: '/k', initrd: '/i', kernelArgs: [], cpus: 2, memoryMiB: 512, drives: [] };
+const base: VmSpec = { name: 'vm', runDir: '/run/x', kernel: '/k', initrd: '/i', kernelArgs: [], accel: 'tcg', cpus: 2, memoryMiB: 512, drives: [] };
 
 describe('QEMU arguments for templates and snapshots', () => {
-  test('a plain VM is unchanged: no memory backend, no monitor, no root drive', () => {
-    const args = qemuArgs(base, { kvm: false }).join(' ');
+  test('a plain VM: no memory backend, no root drive; a monitor that watches its run state', () => {
+    const args = qemuArgs(base).join(' ');
     assert.match(args, /-M microvm,acpi=off /);
-    assert.doesNotMatch(args, /memory-backend|-qmp|-incoming|rootdrive/);
+    assert.doesNotMatch(args, /memory-backend|-incoming|rootdrive/);
+    assert.match(args, /-qmp unix:\/run\/x\/qmp.sock,server=on,wait=off/);
+  });
+
+  test('TCG gets the timer workarounds; KVM gets the host CPU and none of them', () => {
+    const tcg = qemuArgs(base, { tscKhz: 2096000 }).join(' ');
+    assert.match(tcg, /-accel tcg /);
+    assert.match(tcg, / noapictimer tsc_early_khz=2096000 /);
+    const kvm = qemuArgs({ ...base, accel: 'kvm' }, { tscKhz: 2096000 }).join(' ');
+    assert.match(kvm, /-accel kvm -cpu host /);
+    assert.doesNotMatch(kvm, /noapictimer|tsc_early_khz/);
+  });
+
+  test('commas in state paths are escaped in every option that names a file', () => {
+    const args = qemuArgs({ ...base, runDir: '/st,ate/x', drives: [{ path: '/st,ate/x/d.img', readOnly: false }] });
+    assert.ok(args.includes('socket,id=agent,path=/st,,ate/x/agent.sock,server=on,wait=off'), args.join(' '));
+    assert.ok(args.includes('unix:/st,,ate/x/qmp.sock,server=on,wait=off'));
+    assert.ok(args.includes('file=/st,,ate/x/d.img,format=raw,if=none,id=drive0,readonly=off'));
   });
 
   test('root drive: serial mvmroot, copy-on-write, before the --add-dir drives', () => {
     const args = qemuArgs(
-      { ...base, rootDrive: { path: '/t/root,fs.ext4', format: 'raw', copyOnWrite: true }, drives: [{ path: '/d.img', readOnly: true }] },
-      { kvm: false },
+      { ...base, rootDrive: { path: '/t/root,fs.ext4', format: 'raw', copyOnWrite: true }, drives: [{ path: '/d.img', readOnly: true }] }
     );
     const root = args.indexOf('file=/t/root,,fs.ext4,format=raw,if=none,id=rootdrive,snapshot=on');
     assert.ok(root > 0, args.join(' '));
@@ -29,12 +45,12 @@ describe('QEMU arguments for templates and snapshots', () => {
   });
 
   test('capture: RAM in a shared file and a monitor; restore: private mapping and -incoming defer', () => {
-    const capture = qemuArgs({ ...base, memoryFile: { path: '/s/ram', shared: true } }, { kvm: false });
+    const capture = qemuArgs({ ...base, memoryFile: { path: '/s/ram', shared: true } });
     assert.ok(capture.includes('microvm,acpi=off,memory-backend=mem'));
     assert.ok(capture.includes('memory-backend-file,id=mem,mem-path=/s/ram,size=512M,share=on'));
     assert.ok(capture.includes('unix:/run/x/qmp.sock,server=on,wait=off'));
     assert.ok(!capture.includes('-incoming'));
-    const restore = qemuArgs({ ...base, memoryFile: { path: '/s/ram', shared: false }, incomingState: '/s/state' }, { kvm: false });
+    const restore = qemuArgs({ ...base, memoryFile: { path: '/s/ram', shared: false }, incomingState: '/s/state' });
     assert.ok(restore.includes('memory-backend-file,id=mem,mem-path=/s/ram,size=512M,share=off'));
     assert.equal(restore[restore.indexOf('-incoming') + 1], 'defer');
   });

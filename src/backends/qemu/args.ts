@@ -1,0 +1,89 @@
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { AGENT_PORT_NAME } from '../../protocol/constants.js';
+import { driveSerial, ROOT_DRIVE_SERIAL } from '../drives.js';
+import type { VmSpec } from '../types.js';
+
+/** QEMU option values separate with commas; a comma inside a value is written twice. */
+export function optionValue(value: string): string {
+  return value.replaceAll(',', ',,');
+}
+
+/**
+ * Under TCG the guest's TSC runs at the host's rate, and microvm has no other clock to calibrate
+ * it against: without this hint boot hangs about one time in eight.
+ */
+export function hostTscKhz(): number | undefined {
+  try {
+    const match = /^cpu MHz\s*:\s*([\d.]+)/m.exec(readFileSync('/proc/cpuinfo', 'utf8'));
+    return match ? Math.round(Number(match[1]) * 1000) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export function agentSocketPath(runDir: string): string {
+  return join(runDir, 'agent.sock');
+}
+
+export function qmpSocketPath(runDir: string): string {
+  return join(runDir, 'qmp.sock');
+}
+
+export function qemuArgs(spec: VmSpec, options: { tscKhz?: number } = {}): string[] {
+  const kvm = spec.accel === 'kvm';
+  const kernelArgs = [
+    'console=ttyS0',
+    // The machine has no ACPI tables (acpi=off below); without this the kernel logs an error looking for them.
+    'acpi=off',
+    // With -no-reboot a guest reboot ends QEMU: the agent's power-off and a panic both stop the VM.
+    'reboot=t',
+    'panic=-1',
+    ...(kvm ? [] : ['noapictimer', ...(options.tscKhz ? [`tsc_early_khz=${options.tscKhz}`] : [])]),
+    `mvm.agent=port:${AGENT_PORT_NAME}`,
+    ...spec.kernelArgs,
+  ];
+  const args = [
+    '-name', optionValue(spec.name),
+    // acpi=off: with the minimal kernel, microvm's ACPI breaks interrupts.
+    '-M', spec.memoryFile ? 'microvm,acpi=off,memory-backend=mem' : 'microvm,acpi=off',
+    ...(spec.memoryFile
+      ? [
+          // share=on: guest RAM writes land in the file (capture). share=off: a private copy-on-write
+          // mapping (restore), so the file is never modified and any number of VMs can map it.
+          '-object',
+          `memory-backend-file,id=mem,mem-path=${optionValue(spec.memoryFile.path)},size=${spec.memoryMiB}M,share=${spec.memoryFile.shared ? 'on' : 'off'}`,
+        ]
+      : []),
+    // The monitor: snapshots, and the watch for a guest the VMM stopped in an error state.
+    '-qmp', `unix:${optionValue(qmpSocketPath(spec.runDir))},server=on,wait=off`,
+    ...(spec.incomingState ? ['-incoming', 'defer'] : []),
+    ...(kvm ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg']),
+    '-smp', String(spec.cpus),
+    '-m', `${spec.memoryMiB}M`,
+    '-nodefaults', '-no-user-config', '-no-reboot', '-display', 'none',
+    '-chardev', 'stdio,id=console,signal=off',
+    '-serial', 'chardev:console',
+    '-kernel', spec.kernel,
+    ...(spec.initrd ? ['-initrd', spec.initrd] : []),
+    '-append', kernelArgs.join(' '),
+    '-device', 'virtio-rng-device',
+    '-device', 'virtio-serial-device',
+    '-chardev', `socket,id=agent,path=${optionValue(agentSocketPath(spec.runDir))},server=on,wait=off`,
+    '-device', `virtserialport,chardev=agent,name=${AGENT_PORT_NAME}`,
+  ];
+  if (spec.rootDrive) {
+    args.push(
+      '-drive',
+      `file=${optionValue(spec.rootDrive.path)},format=${spec.rootDrive.format},if=none,id=rootdrive,snapshot=${spec.rootDrive.copyOnWrite ? 'on' : 'off'}`,
+      '-device', `virtio-blk-device,drive=rootdrive,serial=${ROOT_DRIVE_SERIAL}`,
+    );
+  }
+  spec.drives.forEach((drive, index) => {
+    args.push(
+      '-drive', `file=${optionValue(drive.path)},format=raw,if=none,id=drive${index},readonly=${drive.readOnly ? 'on' : 'off'}`,
+      '-device', `virtio-blk-device,drive=drive${index},serial=${driveSerial(index)}`,
+    );
+  });
+  return args;
+}

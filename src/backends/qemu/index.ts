@@ -1,0 +1,242 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { stat } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { MvmError } from '../../errors.js';
+import { lastLine, runTool } from '../../run-tool.js';
+import { findExecutable } from '../../which.js';
+import { ConsoleBuffer } from '../console.js';
+import type { Backend, BackendCapabilities, GuestFailure, RunningVm, VmExit, VmSpec } from '../types.js';
+import { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath } from './args.js';
+import { Qmp } from './qmp.js';
+
+export { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath } from './args.js';
+
+function shellQuote(value: string): string {
+  return `'${value.replaceAll("'", `'\\''`)}'`;
+}
+
+/**
+ * What QEMU prints on stderr when KVM cannot run the guest: an instruction KVM could not emulate
+ * (a paravirtual or nested KVM), or a VM entry the CPU refused. QEMU then pauses the VM and stays up.
+ */
+const ACCEL_FAILURE_LINE = /^(KVM internal error\b.*|KVM: entry failed\b.*)$/;
+/** The kind of internal error, printed a few lines after it (after the `extra data` lines). */
+const ACCEL_FAILURE_KIND = /^(emulation failure)$/;
+/** How long to wait for that line before reporting the error without it. */
+const ACCEL_FAILURE_KIND_WAIT_MS = 100;
+
+/** Run states in which QEMU keeps running but the guest never will again. */
+const ERROR_STATES: Record<string, string> = {
+  'internal-error': 'QEMU stopped the guest after an internal error of the accelerator',
+  'guest-panicked': 'the guest kernel panicked',
+  'io-error': 'a disk write failed on the host (is its file system full?)',
+};
+
+export class QemuBackend implements Backend {
+  readonly name = 'qemu' as const;
+
+  constructor(private readonly qemuBinary = process.env.MVM_QEMU || 'qemu-system-x86_64') {}
+
+  capabilities(): BackendCapabilities {
+    // The agent talks over a virtio-serial port: Node.js has no AF_VSOCK sockets, and the port
+    // works with or without /dev/vhost-vsock.
+    return { accels: ['kvm', 'tcg'], snapshots: true, vsock: false };
+  }
+
+  private qemuPath(): string {
+    const qemu = findExecutable(this.qemuBinary);
+    if (!qemu) {
+      throw new MvmError(
+        `QEMU not found (${this.qemuBinary}): install it with 'apt-get install qemu-system-x86', or set MVM_QEMU to its path`,
+      );
+    }
+    return qemu;
+  }
+
+  async vmmVersion(): Promise<string> {
+    const qemu = this.qemuPath();
+    const result = await runTool(qemu, ['--version'], { timeoutMs: 10_000 });
+    if (result.code !== 0) throw new MvmError(`${qemu} --version failed: ${lastLine(result.stderr)}`);
+    return result.stdout.split('\n')[0]!.trim();
+  }
+
+  async vmmIdentity(): Promise<{ binary: string; size: number; mtimeMs: number }> {
+    const qemu = this.qemuPath();
+    const info = await stat(qemu);
+    return { binary: qemu, size: info.size, mtimeMs: info.mtimeMs };
+  }
+
+  async start(spec: VmSpec, signal: AbortSignal): Promise<RunningVm> {
+    const qemu = this.qemuPath();
+    const setpriv = findExecutable('setpriv');
+    if (!setpriv) throw new MvmError(`setpriv not found: install util-linux ('apt-get install util-linux')`);
+    signal.throwIfAborted();
+    const args = qemuArgs(spec, { tscKhz: hostTscKhz() });
+    // setpriv execs QEMU in place (same pid) with a parent-death signal, so the VMM dies with
+    // mvmctl even when mvmctl is killed with SIGKILL and has no chance to clean up.
+    const child = spawn(setpriv, ['--pdeathsig', 'KILL', '--', qemu, ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      // snapshot=on drives put their temporary overlay in TMPDIR: keep it in the VM's own directory.
+      ...(spec.rootDrive?.copyOnWrite ? { env: { ...process.env, TMPDIR: spec.runDir } } : {}),
+    });
+    return new QemuVm(spec, child);
+  }
+}
+
+class QemuVm implements RunningVm {
+  readonly vmmPid: number;
+  readonly exited: Promise<VmExit>;
+  readonly failed: Promise<GuestFailure>;
+  private readonly console = new ConsoleBuffer();
+  private readonly stderrTail = new ConsoleBuffer();
+  private hasExited = false;
+  private reportFailure!: (failure: GuestFailure) => void;
+  /** Ends the monitor watch when the VM is torn down. */
+  private readonly watch = new AbortController();
+  private qmpClient?: Promise<Qmp>;
+
+  constructor(private readonly spec: VmSpec, private readonly child: ChildProcess) {
+    if (child.pid === undefined) throw new MvmError(`could not start QEMU for ${spec.name}`);
+    this.vmmPid = child.pid;
+    this.failed = new Promise((resolve) => {
+      this.reportFailure = resolve;
+    });
+    child.stdout!.on('data', (chunk: Buffer) => this.console.push(chunk, spec.onConsoleLine));
+    let accelError: string | undefined;
+    const reportAccelError = (kind?: string) => {
+      if (accelError) this.reportFailure({ reason: kind ? `${accelError} (${kind})` : accelError, accelFailure: true });
+    };
+    child.stderr!.on('data', (chunk: Buffer) =>
+      this.stderrTail.push(chunk, (line) => {
+        spec.onConsoleLine?.(line);
+        if (spec.accel !== 'kvm') return;
+        const error = ACCEL_FAILURE_LINE.exec(line.trim());
+        if (error && !accelError) {
+          accelError = error[1]!;
+          setTimeout(reportAccelError, ACCEL_FAILURE_KIND_WAIT_MS).unref();
+        }
+        const kind = ACCEL_FAILURE_KIND.exec(line.trim());
+        if (kind) reportAccelError(kind[1]);
+      }),
+    );
+    this.exited = new Promise((resolve) => {
+      child.once('close', (code, signal) => {
+        this.hasExited = true;
+        this.watch.abort();
+        resolve({ code, signal });
+      });
+      child.once('error', () => {
+        this.hasExited = true;
+        this.watch.abort();
+        resolve({ code: null, signal: null });
+      });
+    });
+    void this.exited.then(({ code, signal }) =>
+      this.reportFailure({ reason: `the VMM exited (${signal ? `signal ${signal}` : `status ${code}`})`, accelFailure: false }),
+    );
+    // Connecting starts the watch of the guest's run state.
+    this.qmp(this.watch.signal).catch(() => {});
+  }
+
+  get name(): string {
+    return this.spec.name;
+  }
+
+  /** A guest QEMU stopped in an error state stays paused forever: report it instead of waiting. */
+  private onMonitorEvent(event: string): void {
+    if (event !== 'STOP' && event !== 'GUEST_PANICKED') return;
+    void this.qmpClient
+      ?.then((qmp) => qmp.execute('query-status'))
+      .then((status) => {
+        const state = (status as { status?: string }).status ?? '';
+        const why = ERROR_STATES[state];
+        if (why) this.reportFailure({ reason: `${why} (run state ${state})`, accelFailure: state === 'internal-error' && this.spec.accel === 'kvm' });
+      })
+      .catch(() => {});
+  }
+
+  consoleTail(maxLines: number): string[] {
+    return [...this.console.tail(maxLines), ...this.stderrTail.tail(maxLines)].slice(-maxLines);
+  }
+
+  async connectAgent(signal: AbortSignal): Promise<Socket> {
+    const path = agentSocketPath(this.spec.runDir);
+    // QEMU creates the socket while it starts up, before the guest runs: retry briefly until it is there.
+    for (;;) {
+      signal.throwIfAborted();
+      if (this.hasExited) throw new MvmError(`QEMU exited before the guest agent channel opened`, 125, this.consoleTail(20));
+      try {
+        return await new Promise<Socket>((resolve, reject) => {
+          const socket = connect(path);
+          socket.once('connect', () => {
+            socket.removeListener('error', reject);
+            resolve(socket);
+          });
+          socket.once('error', reject);
+        });
+      } catch (error) {
+        const code = (error as NodeJS.ErrnoException).code;
+        if (code !== 'ENOENT' && code !== 'ECONNREFUSED') throw error;
+        await sleep(10, undefined, { signal });
+      }
+    }
+  }
+
+  private qmp(signal: AbortSignal): Promise<Qmp> {
+    this.qmpClient ??= Qmp.connect(qmpSocketPath(this.spec.runDir), () => this.hasExited, this.watch.signal, (event) => this.onMonitorEvent(event));
+    return signal === this.watch.signal ? this.qmpClient : abortable(this.qmpClient, signal);
+  }
+
+  async saveSnapshot(statePath: string, signal: AbortSignal): Promise<void> {
+    if (!this.spec.memoryFile?.shared) throw new MvmError('a snapshot needs the guest RAM in a shared memory file');
+    const qmp = await this.qmp(signal);
+    // x-ignore-shared: RAM stays in the file and is not copied into the stream (44 KB of device state).
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+    await qmp.execute('stop');
+    await qmp.execute('migrate', { uri: `exec:cat > ${shellQuote(statePath)}` });
+    await waitForMigration(qmp, signal);
+    await qmp.execute('quit').catch(() => {});
+    await Promise.race([this.exited, sleep(5_000, undefined, { signal })]);
+    await this.kill();
+  }
+
+  async finishRestore(signal: AbortSignal): Promise<void> {
+    if (!this.spec.incomingState) throw new MvmError('this VM was not started to restore a snapshot');
+    const qmp = await this.qmp(signal);
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+    await qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(this.spec.incomingState)}` });
+    await waitForMigration(qmp, signal);
+    // The snapshot was taken paused, so the restored VM stays paused until told to run.
+    await qmp.execute('cont');
+  }
+
+  async kill(): Promise<VmExit> {
+    if (!this.hasExited) this.child.kill('SIGKILL');
+    const exit = await this.exited;
+    void this.qmpClient?.then((qmp) => qmp.close(), () => {});
+    return exit;
+  }
+}
+
+function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
+}
+
+async function waitForMigration(qmp: Qmp, signal: AbortSignal): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    const info = (await qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
+    if (info.status === 'completed') return;
+    if (info.status === 'failed' || info.status === 'cancelled') {
+      throw new MvmError(`QEMU migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`);
+    }
+    if (Date.now() > deadline) throw new MvmError('QEMU migration did not complete within 60 s');
+    await sleep(2, undefined, { signal });
+  }
+}
