@@ -29,6 +29,14 @@ export class AgentConnectionError extends MvmError {
   }
 }
 
+/** The agent did not answer a request within the session's deadline; the session has ended. */
+export class AgentTimeoutError extends AgentConnectionError {
+  constructor(message: string) {
+    super(message);
+    this.name = 'AgentTimeoutError';
+  }
+}
+
 /** The session was ended through an AbortSignal; `cause` is the signal's reason. */
 export class SessionAbortedError extends AgentConnectionError {
   constructor(reason: unknown) {

@@ -15,6 +15,7 @@ import {
 import { encodeFrame, FrameDecoder, type AgentMessage, type HostMessage } from './codec.js';
 import {
   AgentConnectionError,
+  AgentTimeoutError,
   AgentRequestError,
   AgentVersionError,
   ExecUnavailableError,
@@ -56,7 +57,16 @@ export interface ConnectOptions {
   signal?: AbortSignal;
   /** Give up when the agent has not answered HELLO by then; default: wait (HELLO is repeated meanwhile). */
   helloTimeoutMs?: number;
+  /**
+   * How long the agent may take to answer any other request (MOUNT, UNMOUNT, SYNC, POWEROFF, and
+   * EXEC until STARTED). Past it the session ends: replies come in order, so a late one could only
+   * be mistaken for the answer to a later request. Default REQUEST_TIMEOUT_MS.
+   */
+  requestTimeoutMs?: number;
 }
+
+/** Generous for an UNMOUNT that syncs a large rw directory under software emulation. */
+export const REQUEST_TIMEOUT_MS = 120_000;
 
 export interface ExecOptions {
   /** Exact argv, run with execvp in the guest (no shell). */
@@ -249,7 +259,10 @@ export class AgentSession {
   /** Removes the abort listeners still registered. */
   private readonly cleanups = new Set<() => void>();
 
-  private constructor(private readonly stream: Duplex) {
+  private constructor(
+    private readonly stream: Duplex,
+    private readonly requestTimeoutMs: number,
+  ) {
     if (stream.destroyed || stream.readableEnded) this.fail(new AgentConnectionError('the connection to the guest agent is already closed'));
     stream.on('data', (chunk: Buffer) => this.onData(chunk));
     stream.on('end', () => this.fail(new AgentConnectionError('the guest agent closed the connection')));
@@ -261,7 +274,7 @@ export class AgentSession {
 
   /** Sends HELLO (repeated every 250 ms until answered) and resolves once the agent has answered it. */
   static async connect(stream: Duplex, options: ConnectOptions = {}): Promise<AgentSession> {
-    const session = new AgentSession(stream);
+    const session = new AgentSession(stream, options.requestTimeoutMs ?? REQUEST_TIMEOUT_MS);
     if (options.signal) session.abortOn(options.signal);
     await session.greet(options.helloTimeoutMs);
     return session;
@@ -315,18 +328,22 @@ export class AgentSession {
       },
     };
     return new Promise<ExecHandle>((resolve, reject) => {
+      const answered = this.deadline('EXEC');
       this.pending.push({
         kind: 'exec',
         started: (pid) => {
+          answered();
           this.current = new ExecRun(pid, options.stdin === true, link);
           resolve(this.current);
         },
         spawnFailed: (status) => {
+          answered();
           const run = new ExecRun(null, options.stdin === true, link);
           run.finish(status);
           resolve(run);
         },
         reject: (err) => {
+          answered();
           stopAbort();
           this.execBusy = false;
           reject(err);
@@ -369,9 +386,27 @@ export class AgentSession {
     const frame = encodeFrame(msg);
     this.checkOpen();
     return new Promise<void>((resolve, reject) => {
-      this.pending.push({ kind: 'ok', resolve, reject });
+      const answered = this.deadline(msg.type.toUpperCase());
+      this.pending.push({
+        kind: 'ok',
+        resolve: () => {
+          answered();
+          resolve();
+        },
+        reject: (err) => {
+          answered();
+          reject(err);
+        },
+      });
       this.send(frame);
     });
+  }
+
+  /** Ends the session unless the request `what` is answered in time; returns the function that stops the clock. */
+  private deadline(what: string): () => void {
+    const seconds = Number((this.requestTimeoutMs / 1000).toFixed(1));
+    const timer = setTimeout(() => this.fail(new AgentTimeoutError(`the guest agent did not answer ${what} within ${seconds} s`)), this.requestTimeoutMs);
+    return () => clearTimeout(timer);
   }
 
   private greet(timeoutMs: number | undefined): Promise<void> {

@@ -11,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import {
   AgentConnectionError,
   AgentRequestError,
+  AgentTimeoutError,
   AgentSession,
   AgentVersionError,
   Capability,
@@ -538,5 +539,40 @@ describe('AgentSession failures', () => {
     await off;
     await agent.whenClosed();
     await assert.rejects(session.sync(), /powered off/);
+  });
+});
+
+describe('AgentSession deadlines', () => {
+  async function silentAfterHello(requestTimeoutMs: number): Promise<{ session: AgentSession; agent: FakeAgent }> {
+    const [host, agentSocket] = await socketPair();
+    const agent = new FakeAgent(agentSocket);
+    const [session] = await Promise.all([AgentSession.connect(host, { helloTimeoutMs: 5000, requestTimeoutMs }), agent.handshake()]);
+    cleanup.push(() => session.close());
+    return { session, agent };
+  }
+
+  for (const [what, call] of [
+    ['MOUNT', (s: AgentSession) => s.mount('serial:mvm0', '/w', 'ext4')],
+    ['UNMOUNT', (s: AgentSession) => s.unmount('/w')],
+    ['POWEROFF', (s: AgentSession) => s.poweroff()],
+    ['EXEC', (s: AgentSession) => s.exec({ argv: ['true'] })],
+  ] as const) {
+    it(`a guest that never answers ${what} ends the session with a timeout, naming the request`, async () => {
+      const { session, agent } = await silentAfterHello(200);
+      await assert.rejects(call(session), (error: unknown) => error instanceof AgentTimeoutError && error.message === `the guest agent did not answer ${what} within 0.2 s`);
+      await agent.whenClosed();
+      await assert.rejects(session.sync(), AgentTimeoutError);
+    });
+  }
+
+  it('a command that runs long is not a late answer: the deadline ends at STARTED', async () => {
+    const { session, agent } = await silentAfterHello(200);
+    const running = session.exec({ argv: ['sleep', '1'] });
+    await agent.expect('exec');
+    agent.send({ type: 'started', pid: 7 });
+    const handle = await running;
+    await sleep(400);
+    agent.send({ type: 'exit', kind: 0, code: 0, message: '' });
+    assert.deepEqual(await handle.exit, { kind: 'exited', code: 0, message: '' });
   });
 });
