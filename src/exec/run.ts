@@ -8,7 +8,7 @@ import type { Backend, RootDriveSpec, RunningVm, VmSpec } from '../backends/type
 import { stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
 import { MvmError } from '../errors.js';
 import type { Progress } from '../progress.js';
-import { exitStatusToCode, type AgentSession, type ExitStatus } from '../protocol/index.js';
+import { EXIT_TIMED_OUT, exitStatusToCode, type AgentSession, type ExitStatus } from '../protocol/index.js';
 import { createVmDir, listVms, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
 import type { Accel, AccelChoice, AccelPlan } from '../accel/index.js';
 import { bootVm, openAgentSession, planBootAccel } from './boot.js';
@@ -80,6 +80,8 @@ export interface ExecDeps {
   /** How long the guest may take from VMM start to the agent's answer. */
   bootTimeoutMs: number;
   accel: AccelChoice;
+  /** Replaces GUEST_MARGIN_MS (tests). */
+  guestMarginMs?: number;
 }
 
 export interface ExecResult {
@@ -91,6 +93,11 @@ export interface ExecResult {
 const HOST_DEADLINE_GRACE_MS = 5_000;
 /** How long a powered-off guest may take to end its VMM before it is killed. */
 const POWEROFF_WAIT_MS = 5_000;
+/**
+ * What the guest may add to the boot timeout and --timeout in all (mounts, unmounts, power-off)
+ * before the VM is killed: whatever the guest does or fails to do, the run ends.
+ */
+const GUEST_MARGIN_MS = 120_000;
 /** How long a restored guest may take to load and answer HELLO before we give up and boot cold. */
 const RESTORE_TIMEOUT_MS = 20_000;
 
@@ -111,6 +118,9 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   let vm: RunningVm | undefined;
   // rw directories whose guest changes have not been brought back (yet): reported as discarded if the run ends early.
   const pendingSync = new Set<StagedDir>();
+  const guestLimitMs = deps.bootTimeoutMs + request.timeoutSeconds * 1000 + (deps.guestMarginMs ?? GUEST_MARGIN_MS);
+  const guestDeadline = new AbortController();
+  let guestTimer: NodeJS.Timeout | undefined;
   try {
     const record = ownVmRecord({ name, backend: deps.backend.name, command: request.argv, runDir });
     await writeVmRecord(record);
@@ -135,12 +145,18 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
       onConsoleLine: io.verbose ? (line) => io.log(`[console] ${line}`) : undefined,
     };
 
+    guestTimer = setTimeout(() => {
+      const seconds = Number((guestLimitMs / 1000).toFixed(1));
+      guestDeadline.abort(new MvmError(`the guest did not finish within ${seconds} s (boot timeout + --timeout + a margin); the VM was killed`, EXIT_TIMED_OUT));
+    }, guestLimitMs);
+    // From here on the guest is running: everything it could stall ends with the deadline too.
+    const guestSignal = AbortSignal.any([signal, guestDeadline.signal]);
     let session: AgentSession | undefined;
     if (image.snapshotWarning) io.log(image.snapshotWarning);
     else if (image.snapshotNote && io.verbose) io.log(image.snapshotNote);
     const snapshot = image.snapshot && staged.length === 0 ? usableSnapshot(image, accel, io) : undefined;
     if (snapshot) {
-      const restore = await restoreSnapshot(deps.backend, { ...spec, accel: accel.accel }, snapshot, record, signal);
+      const restore = await restoreSnapshot(deps.backend, { ...spec, accel: accel.accel }, snapshot, record, guestSignal);
       if ('session' in restore) {
         ({ vm, session } = restore);
         timings.mark(`restored from snapshot, agent ready (${session.agentVersion})`);
@@ -152,7 +168,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     if (!session || !vm) {
       const booted = await bootVm(deps.backend, spec, {
         accel,
-        signal,
+        signal: guestSignal,
         timeoutMs: deps.bootTimeoutMs,
         guest: 'the guest',
         timeoutHint: 'raise MVM_BOOT_TIMEOUT if the host is very slow',
@@ -173,12 +189,17 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
       if (!dir.readOnly) pendingSync.add(dir);
     }
 
-    const status = await runCommand(session, vm, request, io, signal);
+    const status = await runCommand(session, vm, request, io, guestSignal);
     timings.mark('command finished');
 
     // A timed-out command's directories are not synced: its writes may be half done.
     const toSync = status.kind === 'timedOut' ? [] : await unmountForSync([...pendingSync], session, io);
     await powerOff(session, vm);
+    // The images are read only once the VMM has exited and been reaped: a guest that answered
+    // POWEROFF and kept running could otherwise rewrite its disk under the host's checks.
+    await vm.kill();
+    clearTimeout(guestTimer);
+    guestDeadline.signal.throwIfAborted();
     timings.mark('VM stopped');
 
     for (const dir of toSync) {
@@ -189,7 +210,11 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     }
     if (toSync.length > 0) timings.mark('directories synced back');
     return { exitCode: exitStatusToCode(status), status };
+  } catch (error) {
+    if (guestDeadline.signal.aborted && !signal.aborted) throw guestDeadline.signal.reason;
+    throw error;
   } finally {
+    clearTimeout(guestTimer);
     await vm?.kill();
     for (const dir of pendingSync) io.log(`--add-dir ${dir.spec.spec}: guest changes discarded, ${dir.spec.hostPath} left as it was`);
     await removeVmDir(runDir);

@@ -66,7 +66,7 @@ export interface ConnectOptions {
 }
 
 /** Generous for an UNMOUNT that syncs a large rw directory under software emulation. */
-export const REQUEST_TIMEOUT_MS = 120_000;
+export const REQUEST_TIMEOUT_MS = 60_000;
 
 export interface ExecOptions {
   /** Exact argv, run with execvp in the guest (no shell). */
