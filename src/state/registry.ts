@@ -1,8 +1,9 @@
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { constants, readFileSync, type Stats } from 'node:fs';
+import { lstat, mkdir, open, readdir, rm, type FileHandle } from 'node:fs/promises';
+import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { optionValue } from '../backends/qemu/args.js';
 import { MvmError } from '../errors.js';
 import { writeFileAtomic } from '../fs-atomic.js';
 import { stateDir } from '../paths.js';
@@ -25,15 +26,80 @@ export interface VmStatus extends VmRecord {
   vmmRunning: boolean;
 }
 
+const isPid = (value: unknown): value is number => Number.isInteger(value) && (value as number) > 0;
+const isOptional = (value: unknown, check: (v: unknown) => boolean) => value === undefined || check(value);
+
+/**
+ * Anything that can write vms/ could plant a record, so a record is only ever a claim: checked
+ * before use, and never the source of a path to remove (see `reap`). Checked by hand rather than
+ * with the schema library: every exec reads the registry, and that library costs start-up time.
+ */
+function asRecord(value: unknown): VmRecord | undefined {
+  const r = value as Partial<VmRecord> | null;
+  const ok =
+    typeof r === 'object' &&
+    r !== null &&
+    typeof r.name === 'string' &&
+    typeof r.backend === 'string' &&
+    Array.isArray(r.command) &&
+    r.command.every((arg) => typeof arg === 'string') &&
+    typeof r.startedAt === 'string' &&
+    isPid(r.ownerPid) &&
+    typeof r.ownerStartTicks === 'number' &&
+    isOptional(r.vmmPid, isPid) &&
+    isOptional(r.vmmStartTicks, (v) => typeof v === 'number') &&
+    typeof r.runDir === 'string';
+  return ok ? (r as VmRecord) : undefined;
+}
+
 const RECORD_FILE = 'state.json';
+/** Records are a few hundred bytes; anything much bigger was not written by us. */
+const MAX_RECORD_BYTES = 64 * 1024;
 
 export function vmsDir(): string {
   return join(stateDir(), 'vms');
 }
 
+/** What `newVmName` makes: the only entries of vms/ the registry reads or removes. */
+const VM_NAME = /^exec-([0-9a-f]+)-[0-9a-f]+$/;
+
 /** `exec-<pid-hex>-<random>`: the pid makes a VM easy to match to its mvmctl, the random part unique. */
 export function newVmName(pid = process.pid): string {
   return `exec-${pid.toString(16)}-${randomBytes(3).toString('hex')}`;
+}
+
+function vmDir(name: string): string {
+  return join(vmsDir(), name);
+}
+
+function ownUid(): number {
+  return process.getuid!();
+}
+
+/**
+ * The reaper kills processes and removes directories on the word of the records, so they are only
+ * trusted where no one else can write them: the state dir and vms/ must be real directories of
+ * ours that group and others cannot write. False when vms/ does not exist yet.
+ */
+async function checkStateDirs(): Promise<boolean> {
+  for (const path of [stateDir(), vmsDir()]) {
+    const info = await lstat(path).catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') return undefined;
+      throw error;
+    });
+    if (!info) return false;
+    refuseUnlessPrivate(path, info);
+  }
+  return true;
+}
+
+function refuseUnlessPrivate(path: string, info: Stats): void {
+  const untrusted = `${path} could hold VM records planted by someone else`;
+  const useOwn = 'set MVM_STATE_DIR to a directory of your own';
+  if (info.isSymbolicLink()) throw new MvmError(`${untrusted}: it is a symlink; ${useOwn}`);
+  if (!info.isDirectory()) throw new MvmError(`${path} is not a directory: ${useOwn}`);
+  if (info.uid !== ownUid()) throw new MvmError(`${untrusted}: it belongs to uid ${info.uid}, not to you; ${useOwn}`);
+  if (info.mode & 0o022) throw new MvmError(`${untrusted}: group or others can write it; run 'chmod go-w ${path}'`);
 }
 
 /**
@@ -55,6 +121,33 @@ function isSameProcess(pid: number | undefined, startTicks: number | undefined):
   return pid !== undefined && startTicks !== undefined && processStartTicks(pid) === startTicks;
 }
 
+function commandLine(pid: number): string[] {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0$/, '').split('\0');
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * Whether the recorded VMM is alive and is QEMU as `qemuArgs` starts it for this VM: `-name NAME`
+ * and its sockets under vms/NAME/. Pid and start time only say the process exists; a planted
+ * record could give those of any process.
+ */
+function isVmmOf(name: string, record: VmRecord): boolean {
+  if (!isSameProcess(record.vmmPid, record.vmmStartTicks)) return false;
+  const args = commandLine(record.vmmPid!);
+  const nameAt = args.indexOf('-name');
+  const ownDir = optionValue(vmDir(name) + '/');
+  return nameAt >= 0 && args[nameAt + 1] === name && args.some((arg) => arg.includes(ownDir));
+}
+
+/** Whether `pid` is node running mvmctl (bin/mvmctl, or its entry point directly). */
+function isMvmctl(pid: number): boolean {
+  const [program = '', ...args] = commandLine(pid);
+  return /^node/.test(basename(program)) && args.some((arg) => basename(arg) === 'mvmctl' || arg.endsWith('dist/src/cli/main.js'));
+}
+
 /** The record of a VM this process owns, before its VMM has started. */
 export function ownVmRecord(fields: Pick<VmRecord, 'name' | 'backend' | 'command' | 'runDir'>): VmRecord {
   return {
@@ -71,8 +164,10 @@ export async function recordVmm(record: VmRecord, vmmPid: number): Promise<void>
 }
 
 export async function createVmDir(name: string): Promise<string> {
+  // A recursive mkdir gives every directory it creates this mode, so a fresh state dir passes the check.
   await mkdir(vmsDir(), { recursive: true, mode: 0o700 });
-  const runDir = join(vmsDir(), name);
+  await checkStateDirs();
+  const runDir = vmDir(name);
   await mkdir(runDir, { mode: 0o700 });
   return runDir;
 }
@@ -81,15 +176,33 @@ export async function writeVmRecord(record: VmRecord): Promise<void> {
   await writeFileAtomic(join(record.runDir, RECORD_FILE), JSON.stringify(record, null, 2) + '\n', 0o600);
 }
 
+/** Like `rm -rf`: a symlink, at the top or inside, is removed itself, never followed. */
 export async function removeVmDir(runDir: string): Promise<void> {
   await rm(runDir, { recursive: true, force: true });
 }
 
+/** The record in vms/<name> if it is one of ours: a regular file we own, of a sane size, that parses. */
 async function readRecord(name: string): Promise<VmRecord | undefined> {
+  // Through a symlink in vms/ we would read (and then act on) whatever it points to.
+  if (!(await lstat(vmDir(name)).catch(() => undefined))?.isDirectory()) return undefined;
+  let file: FileHandle;
   try {
-    return JSON.parse(await readFile(join(vmsDir(), name, RECORD_FILE), 'utf8')) as VmRecord;
+    // O_NONBLOCK: opening a FIFO planted as the record would otherwise wait for a writer forever.
+    file = await open(join(vmDir(name), RECORD_FILE), constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   } catch {
     return undefined;
+  }
+  try {
+    const info = await file.stat();
+    if (!info.isFile() || info.uid !== ownUid() || info.size > MAX_RECORD_BYTES) return undefined;
+    const buffer = Buffer.alloc(MAX_RECORD_BYTES);
+    const { bytesRead } = await file.read(buffer, 0, buffer.length, 0);
+    const record = asRecord(JSON.parse(buffer.toString('utf8', 0, bytesRead)));
+    return record?.name === name ? record : undefined;
+  } catch {
+    return undefined;
+  } finally {
+    await file.close();
   }
 }
 
@@ -101,10 +214,13 @@ function killQuietly(pid: number, signal: NodeJS.Signals): void {
   }
 }
 
-/** Kills a dead owner's VMM (if that process still exists) and removes the VM's directory. */
-async function reap(record: VmRecord): Promise<void> {
-  if (isSameProcess(record.vmmPid, record.vmmStartTicks)) killQuietly(record.vmmPid!, 'SIGKILL');
-  await removeVmDir(record.runDir);
+/**
+ * Kills a dead owner's VMM (if that process is still this VM's QEMU) and removes vms/<name>: the
+ * directory the entry is, never the runDir the record names.
+ */
+async function reap(name: string, record: VmRecord): Promise<void> {
+  if (isVmmOf(name, record)) killQuietly(record.vmmPid!, 'SIGKILL');
+  await removeVmDir(vmDir(name));
 }
 
 /**
@@ -112,24 +228,21 @@ async function reap(record: VmRecord): Promise<void> {
  * the way: their VMM is killed if it somehow survived, and their state and staging files removed.
  */
 export async function listVms(): Promise<VmStatus[]> {
-  let names: string[];
-  try {
-    names = await readdir(vmsDir());
-  } catch {
-    return [];
-  }
+  if (!(await checkStateDirs())) return [];
   const running: VmStatus[] = [];
-  for (const name of names.sort()) {
+  for (const name of (await readdir(vmsDir())).sort()) {
+    // newVmName made none of the others: someone else put them there, so they are left alone.
+    if (!VM_NAME.test(name)) continue;
     const record = await readRecord(name);
     if (!record) {
       await reapUnrecorded(name);
       continue;
     }
     if (!isSameProcess(record.ownerPid, record.ownerStartTicks)) {
-      await reap(record);
+      await reap(name, record);
       continue;
     }
-    running.push({ ...record, vmmRunning: isSameProcess(record.vmmPid, record.vmmStartTicks) });
+    running.push({ ...record, runDir: vmDir(name), vmmRunning: isVmmOf(name, record) });
   }
   return running;
 }
@@ -139,9 +252,9 @@ export async function listVms(): Promise<VmStatus[]> {
  * killed before it wrote one; the pid in the name tells which.
  */
 async function reapUnrecorded(name: string): Promise<void> {
-  const match = /^exec-([0-9a-f]+)-[0-9a-f]+$/.exec(name);
-  if (match && processStartTicks(parseInt(match[1], 16)) !== undefined) return;
-  await removeVmDir(join(vmsDir(), name));
+  const creatorPid = parseInt(VM_NAME.exec(name)![1], 16);
+  if (processStartTicks(creatorPid) !== undefined) return;
+  await removeVmDir(vmDir(name));
 }
 
 /**
@@ -149,7 +262,8 @@ async function reapUnrecorded(name: string): Promise<void> {
  * it; if the owner does not finish in time, kills the VMM and removes the state itself.
  */
 export async function stopVm(name: string, timeoutMs = 10_000): Promise<void> {
-  const record = await readRecord(name);
+  // The name is the user's: one that is not a VM name could lead outside vms/ ('../..').
+  const record = VM_NAME.test(name) && (await checkStateDirs()) ? await readRecord(name) : undefined;
   if (!record) {
     const known = (await listVms()).map((vm) => vm.name);
     throw new MvmError(
@@ -157,10 +271,11 @@ export async function stopVm(name: string, timeoutMs = 10_000): Promise<void> {
       1,
     );
   }
-  if (isSameProcess(record.ownerPid, record.ownerStartTicks)) {
+  // Only an mvmctl is asked: a planted record could name any process as the owner.
+  if (isSameProcess(record.ownerPid, record.ownerStartTicks) && isMvmctl(record.ownerPid)) {
     killQuietly(record.ownerPid, 'SIGTERM');
     const deadline = Date.now() + timeoutMs;
     while (Date.now() < deadline && isSameProcess(record.ownerPid, record.ownerStartTicks)) await sleep(50);
   }
-  await reap(record);
+  await reap(name, record);
 }

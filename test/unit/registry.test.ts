@@ -41,10 +41,12 @@ async function started(child: ChildProcess): Promise<number> {
 
 /** Whether `child` is still running a moment later: a signal sent to it would have ended it by then. */
 async function stillRunning(child: ChildProcess): Promise<boolean> {
-  return Promise.race([exited(child).then(() => false), sleep(300).then(() => true)]);
+  await sleep(300);
+  return child.exitCode === null && child.signalCode === null;
 }
 
 async function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
   const gone = exited(child);
   child.kill('SIGKILL');
   await gone;
@@ -64,6 +66,12 @@ function fakeOwner(): ChildProcess {
   mkdirSync(bin, { recursive: true });
   writeFileSync(join(bin, 'mvmctl'), KEEP_ALIVE + '\n');
   return spawn(process.execPath, [join(bin, 'mvmctl')]);
+}
+
+/** What anything able to write vms/ could leave there; written directly, as an attacker would. */
+function plantRecord(dir: string, fields: Partial<VmRecord>): void {
+  const planted: VmRecord = { name: 'x', backend: 'qemu', command: ['true'], startedAt: new Date().toISOString(), ownerPid: process.pid, ownerStartTicks: 1, runDir: dir, ...fields };
+  writeFileSync(join(dir, 'state.json'), JSON.stringify(planted));
 }
 
 /** A directory outside vms/ that a hostile record points the reaper at. */
@@ -135,7 +143,7 @@ describe('VM registry', () => {
     test('a runDir outside vms/ is not removed; only vms/<name> is', async () => {
       const target = victim();
       const vm = await record(newVmName(), process.pid, 1);
-      await writeVmRecord({ ...vm, runDir: target.dir });
+      plantRecord(vm.runDir, { name: vm.name, runDir: target.dir });
       await listVms();
       assert.ok(existsSync(target.file));
       assert.ok(!existsSync(join(vmsRoot, vm.name)));
@@ -154,8 +162,7 @@ describe('VM registry', () => {
       const target = victim();
       const name = newVmName(0x7ffffffe);
       // What the reaper would read through the link names the link's target as the VM directory.
-      const planted: VmRecord = { name, backend: 'qemu', command: ['true'], startedAt: new Date().toISOString(), ownerPid: process.pid, ownerStartTicks: 1, runDir: target.dir };
-      writeFileSync(join(target.dir, 'state.json'), JSON.stringify(planted));
+      plantRecord(target.dir, { name });
       symlinkSync(target.dir, join(vmsRoot, name));
       await listVms();
       assert.ok(existsSync(target.file));
@@ -164,8 +171,7 @@ describe('VM registry', () => {
 
     test('down of a name outside vms/ is refused', async () => {
       const target = victim();
-      const planted: VmRecord = { name: 'x', backend: 'qemu', command: ['true'], startedAt: new Date().toISOString(), ownerPid: process.pid, ownerStartTicks: 1, runDir: target.dir };
-      writeFileSync(join(target.dir, 'state.json'), JSON.stringify(planted));
+      plantRecord(target.dir, {});
       await assert.rejects(stopVm(join('..', target.dir.slice(stateRoot.length + 1))), /no VM named/);
       assert.ok(existsSync(target.file));
     });
