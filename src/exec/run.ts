@@ -116,6 +116,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   const name = newVmName();
   const runDir = await createVmDir(name);
   let vm: RunningVm | undefined;
+  let session: AgentSession | undefined;
   // rw directories whose guest changes have not been brought back (yet): reported as discarded if the run ends early.
   const pendingSync = new Set<StagedDir>();
   const guestLimitMs = deps.bootTimeoutMs + request.timeoutSeconds * 1000 + (deps.guestMarginMs ?? GUEST_MARGIN_MS);
@@ -151,7 +152,8 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     }, guestLimitMs);
     // From here on the guest is running: everything it could stall ends with the deadline too.
     const guestSignal = AbortSignal.any([signal, guestDeadline.signal]);
-    let session: AgentSession | undefined;
+    // A request in flight (MOUNT, UNMOUNT…) ends at once, not at its own deadline.
+    guestSignal.addEventListener('abort', () => session?.close(), { once: true });
     if (image.snapshotWarning) io.log(image.snapshotWarning);
     else if (image.snapshotNote && io.verbose) io.log(image.snapshotNote);
     const snapshot = image.snapshot && staged.length === 0 ? usableSnapshot(image, accel, io) : undefined;
@@ -194,7 +196,8 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
 
     // A timed-out command's directories are not synced: its writes may be half done.
     const toSync = status.kind === 'timedOut' ? [] : await unmountForSync([...pendingSync], session, io);
-    await powerOff(session, vm);
+    // A guest past its deadline gets no chance to power off: it is killed below.
+    if (!guestSignal.aborted) await powerOff(session, vm);
     // The images are read only once the VMM has exited and been reaped: a guest that answered
     // POWEROFF and kept running could otherwise rewrite its disk under the host's checks.
     await vm.kill();

@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { stat } from 'node:fs/promises';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MvmError } from '../../errors.js';
 import { lastLine, runTool } from '../../run-tool.js';
@@ -9,6 +9,7 @@ import { ConsoleBuffer } from '../console.js';
 import type { Backend, BackendCapabilities, GuestFailure, RunningVm, VmExit, VmSpec } from '../types.js';
 import { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath } from './args.js';
 import { Qmp } from './qmp.js';
+import { connectWhenListening } from './socket.js';
 
 export { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath } from './args.js';
 
@@ -160,28 +161,15 @@ class QemuVm implements RunningVm {
     return [...this.console.tail(maxLines), ...this.stderrTail.tail(maxLines)].slice(-maxLines);
   }
 
-  async connectAgent(signal: AbortSignal): Promise<Socket> {
-    const path = agentSocketPath(this.spec.runDir);
-    // QEMU creates the socket while it starts up, before the guest runs: retry briefly until it is there.
-    for (;;) {
-      signal.throwIfAborted();
-      if (this.hasExited) throw new MvmError(`QEMU exited before the guest agent channel opened`, 125, this.consoleTail(20));
-      try {
-        return await new Promise<Socket>((resolve, reject) => {
-          const socket = connect(path);
-          socket.once('connect', () => {
-            socket.removeListener('error', reject);
-            resolve(socket);
-          });
-          socket.once('error', reject);
-        });
-      } catch (error) {
-        const code = (error as NodeJS.ErrnoException).code;
-        if (code !== 'ENOENT' && code !== 'ECONNREFUSED') throw error;
-        await sleep(10, undefined, { signal });
-      }
-    }
+  connectAgent(signal: AbortSignal): Promise<Socket> {
+    return connectWhenListening(agentSocketPath(this.spec.runDir), {
+      signal,
+      gone: () => this.hasExited,
+      goneError: () => new MvmError(`QEMU exited before the guest agent channel opened`, 125, this.consoleTail(20)),
+      retryMs: 10,
+    });
   }
+
 
   private qmp(signal: AbortSignal): Promise<Qmp> {
     this.qmpClient ??= Qmp.connect(qmpSocketPath(this.spec.runDir), () => this.hasExited, this.watch.signal, (event) => this.onMonitorEvent(event));

@@ -1,6 +1,6 @@
-import { connect, type Socket } from 'node:net';
-import { setTimeout as sleep } from 'node:timers/promises';
+import type { Socket } from 'node:net';
 import { MvmError } from '../../errors.js';
+import { connectWhenListening } from './socket.js';
 
 /** A reply or an event QEMU sends is one JSON line; a longer one is not QEMU talking. */
 const MAX_LINE_BYTES = 1 << 20;
@@ -47,30 +47,16 @@ export class Qmp {
    * in place before capabilities are negotiated, so no event after that is missed.
    */
   static async connect(path: string, exited: () => boolean, signal: AbortSignal, onEvent: (event: string) => void): Promise<Qmp> {
-    for (;;) {
-      signal.throwIfAborted();
-      if (exited()) throw new MvmError('QEMU exited before its monitor socket opened');
-      let socket: Socket;
-      try {
-        socket = await new Promise<Socket>((resolve, reject) => {
-          const s = connect(path);
-          s.once('connect', () => {
-            s.removeListener('error', reject);
-            resolve(s);
-          });
-          s.once('error', reject);
-        });
-      } catch (error) {
-        const code = (error as NodeJS.ErrnoException).code;
-        if (code !== 'ENOENT' && code !== 'ECONNREFUSED') throw error;
-        await sleep(2, undefined, { signal });
-        continue;
-      }
-      const qmp = new Qmp(socket, onEvent);
-      await qmp.greeting(signal);
-      await qmp.execute('qmp_capabilities');
-      return qmp;
-    }
+    const socket = await connectWhenListening(path, {
+      signal,
+      gone: exited,
+      goneError: () => new MvmError('QEMU exited before its monitor socket opened'),
+      retryMs: 2,
+    });
+    const qmp = new Qmp(socket, onEvent);
+    await qmp.greeting(signal);
+    await qmp.execute('qmp_capabilities');
+    return qmp;
   }
 
   private greeting(signal: AbortSignal): Promise<void> {

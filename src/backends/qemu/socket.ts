@@ -1,0 +1,31 @@
+import { connect, type Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+/**
+ * Connects to a unix socket QEMU serves (the agent's port, the monitor). QEMU creates them while it
+ * starts up, before the guest runs, so a missing or not yet listening socket is retried until
+ * `gone()` says QEMU has exited (then `goneError` is thrown) or `signal` aborts.
+ */
+export async function connectWhenListening(
+  path: string,
+  options: { signal: AbortSignal; gone: () => boolean; goneError: () => Error; retryMs: number },
+): Promise<Socket> {
+  for (;;) {
+    options.signal.throwIfAborted();
+    if (options.gone()) throw options.goneError();
+    try {
+      return await new Promise<Socket>((resolve, reject) => {
+        const socket = connect(path);
+        socket.once('connect', () => {
+          socket.removeListener('error', reject);
+          resolve(socket);
+        });
+        socket.once('error', reject);
+      });
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code !== 'ENOENT' && code !== 'ECONNREFUSED') throw error;
+      await sleep(options.retryMs, undefined, { signal: options.signal });
+    }
+  }
+}
