@@ -214,7 +214,9 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     if (toSync.length > 0) timings.mark('directories synced back');
     return { exitCode: exitStatusToCode(status), status };
   } catch (error) {
-    if (guestDeadline.signal.aborted && !signal.aborted) throw guestDeadline.signal.reason;
+    // Whatever broke because of an abort (a closed session, a killed VM) is reported as the abort.
+    if (signal.aborted) throw signal.reason;
+    if (guestDeadline.signal.aborted) throw guestDeadline.signal.reason;
     throw error;
   } finally {
     clearTimeout(guestTimer);

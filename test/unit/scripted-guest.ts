@@ -97,6 +97,15 @@ class ScriptedVm implements RunningVm {
     return [];
   }
 
+  async finishRestore(): Promise<void> {
+    if (this.backend.restoreError) throw this.backend.restoreError;
+  }
+
+  /** The guest's VMM dies on its own, as in a guest crash or an OOM kill of QEMU. */
+  crash(): void {
+    this.vmm.kill('SIGKILL');
+  }
+
   async kill(): Promise<VmExit> {
     if (this.vmm.exitCode === null && this.vmm.signalCode === null) {
       await this.backend.onKill?.(this.spec);
@@ -112,6 +121,10 @@ export class ScriptedBackend implements Backend {
   readonly vms: ScriptedVm[] = [];
   /** Runs as the VMM is killed, before it dies: the guest's last moment. */
   onKill?: (spec: VmSpec) => void | Promise<void>;
+  /** Makes a snapshot restore (`finishRestore`) fail with this error. */
+  restoreError?: Error;
+  /** Every spec a VM was started with, in order. */
+  readonly specs: VmSpec[] = [];
 
   constructor(private readonly script: GuestScript) {}
 
@@ -120,6 +133,7 @@ export class ScriptedBackend implements Backend {
   }
 
   async start(spec: VmSpec): Promise<RunningVm> {
+    this.specs.push(spec);
     const vmm = spawn('sleep', ['600'], { stdio: 'ignore' });
     const vm = new ScriptedVm(spec, vmm, this, this.script);
     this.vms.push(vm);

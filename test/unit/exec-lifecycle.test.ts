@@ -1,0 +1,163 @@
+/**
+ * The exec workflow's lifecycle against a scripted guest (scripted-guest.ts), in milliseconds rather
+ * than boots: what is synced back and what is discarded, restore fallback, and that every way a run
+ * ends leaves no VMM behind. The same paths run on real VMs in test/e2e.
+ */
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { PassThrough, Readable } from 'node:stream';
+import { after, describe, test } from 'node:test';
+import { parseAddDirSpec } from '../../src/dirsync/index.js';
+import { MvmError } from '../../src/errors.js';
+import { execInMicroVm, type BootImage, type ExecDeps, type ExecIo, type ExecRequest } from '../../src/exec/run.js';
+import { silentProgress } from '../../src/progress.js';
+import { ExitKind } from '../../src/protocol/index.js';
+import { politeAgent, ScriptedBackend, type GuestScript } from './scripted-guest.js';
+
+const scratch = mkdtempSync(join(tmpdir(), 'mvm-lifecycle-'));
+process.env.MVM_STATE_DIR = join(scratch, 'state');
+after(() => rmSync(scratch, { recursive: true, force: true }));
+let counter = 0;
+
+function io(): ExecIo & { lines: string[]; out: () => string } {
+  const lines: string[] = [];
+  const stdout = new PassThrough();
+  const chunks: Buffer[] = [];
+  stdout.on('data', (chunk: Buffer) => chunks.push(chunk));
+  return {
+    stdin: Readable.from([]),
+    stdout,
+    stderr: new PassThrough(),
+    log: (line) => lines.push(line),
+    verbose: false,
+    progress: silentProgress,
+    lines,
+    out: () => Buffer.concat(chunks).toString('utf8'),
+  };
+}
+
+function hostDir(): string {
+  const dir = join(scratch, `host-${counter++}`);
+  mkdirSync(dir);
+  writeFileSync(join(dir, 'a.txt'), 'host\n');
+  return dir;
+}
+
+const request = (addDirs: string[] = []): ExecRequest => ({
+  argv: ['cmd'],
+  env: {},
+  cpus: 1,
+  memoryMiB: 128,
+  timeoutSeconds: 30,
+  interactive: false,
+  addDirs: addDirs.map((spec) => parseAddDirSpec(spec, scratch)),
+});
+
+const image: BootImage = { kernel: '/k', kernelSha256: 'k', kernelArgs: [] };
+const deps = (backend: ScriptedBackend, bootImage: BootImage = image): ExecDeps => ({ backend, ensureImage: async () => bootImage, bootTimeoutMs: 10_000, accel: 'tcg' });
+
+/** A guest whose command ends as `exit` says, after printing `hello`. */
+const commandEnds =
+  (exit: { kind: ExitKind; code: number; message?: string }): GuestScript =>
+  (message, guest) => {
+    if (message.type !== 'exec') return politeAgent(message, guest);
+    guest.send({ type: 'started', pid: 2 }, { type: 'stdout', data: Buffer.from('hello\n') }, { type: 'exit', message: '', ...exit });
+  };
+
+describe('exec lifecycle (scripted guest)', () => {
+  test('the exit code is the command’s, its output arrives, and the VM is powered off and gone', async () => {
+    const backend = new ScriptedBackend(commandEnds({ kind: ExitKind.EXITED, code: 7 }));
+    const out = io();
+    const result = await execInMicroVm(request(), out, deps(backend), new AbortController().signal);
+    assert.equal(result.exitCode, 7);
+    assert.equal(out.out(), 'hello\n');
+    assert.ok(backend.guests[0]!.received.some((m) => m.type === 'poweroff'));
+    assert.ok(await backend.allExited());
+  });
+
+  test('a command that timed out is not synced back: HOST stays, one line says the changes were discarded', async () => {
+    const host = hostDir();
+    const backend = new ScriptedBackend(commandEnds({ kind: ExitKind.TIMED_OUT, code: 9 }));
+    const out = io();
+    const result = await execInMicroVm(request([`${host}:/w:rw`]), out, deps(backend), new AbortController().signal);
+    assert.equal(result.exitCode, 124);
+    assert.ok(!backend.guests[0]!.received.some((m) => m.type === 'unmount'), 'not even unmounted for a sync');
+    assert.deepEqual(out.lines, ['command timed out after 30 s', `--add-dir ${host}:/w:rw: guest changes discarded, ${host} left as it was`]);
+    assert.equal(readFileSync(join(host, 'a.txt'), 'utf8'), 'host\n');
+  });
+
+  test('a directory the guest cannot unmount cleanly is not synced back, with both lines', async () => {
+    const host = hostDir();
+    const backend = new ScriptedBackend((message, guest) =>
+      message.type === 'unmount' ? guest.send({ type: 'error', code: 4, fatal: false, message: 'device busy' }) : politeAgent(message, guest),
+    );
+    const out = io();
+    const result = await execInMicroVm(request([`${host}:/w:rw`]), out, deps(backend), new AbortController().signal);
+    assert.equal(result.exitCode, 0);
+    assert.deepEqual(out.lines, [
+      `--add-dir ${host}:/w:rw: the guest could not unmount it cleanly (device busy)`,
+      `--add-dir ${host}:/w:rw: guest changes discarded, ${host} left as it was`,
+    ]);
+  });
+
+  test('an abort (Ctrl-C) while the command runs kills the VM, discards rw changes and rejects with its reason', async () => {
+    const host = hostDir();
+    const controller = new AbortController();
+    const backend = new ScriptedBackend((message, guest) => {
+      if (message.type !== 'exec') return politeAgent(message, guest);
+      guest.send({ type: 'started', pid: 2 });
+      controller.abort(new Error('interrupted by SIGINT'));
+    });
+    const out = io();
+    await assert.rejects(execInMicroVm(request([`${host}:/w:rw`]), out, deps(backend), controller.signal), /interrupted by SIGINT/);
+    assert.ok(await backend.allExited());
+    assert.deepEqual(out.lines, [`--add-dir ${host}:/w:rw: guest changes discarded, ${host} left as it was`]);
+  });
+
+  test('a VMM that dies mid-command is exit 125 with one line, and no sync', async () => {
+    const host = hostDir();
+    const backend = new ScriptedBackend((message, guest) => {
+      if (message.type !== 'exec') return politeAgent(message, guest);
+      guest.send({ type: 'started', pid: 2 });
+      backend.vms[0]!.crash();
+    });
+    const out = io();
+    await assert.rejects(
+      execInMicroVm(request([`${host}:/w:rw`]), out, deps(backend), new AbortController().signal),
+      (error: unknown) => error instanceof MvmError && error.exitCode === 125 && error.message === 'the VM stopped before the command finished (guest crash?)',
+    );
+    assert.equal(readFileSync(join(host, 'a.txt'), 'utf8'), 'host\n');
+  });
+
+  test('a snapshot whose restore fails: one warning, then a cold boot runs the command', async () => {
+    const backend = new ScriptedBackend(commandEnds({ kind: ExitKind.EXITED, code: 0 }));
+    backend.restoreError = new MvmError('QEMU migrate-incoming: boom');
+    const out = io();
+    const withSnapshot: BootImage = {
+      ...image,
+      template: { name: 'tpl', dir: scratch },
+      snapshot: { accel: 'tcg', memoryFile: '/snap/ram', stateFile: '/snap/state' },
+    };
+    const result = await execInMicroVm(request(), out, deps(backend, withSnapshot), new AbortController().signal);
+    assert.equal(result.exitCode, 0);
+    assert.equal(out.out(), 'hello\n');
+    assert.deepEqual(out.lines, ['template tpl: restoring the snapshot failed (QEMU migrate-incoming: boom); booting cold instead']);
+    assert.deepEqual(
+      backend.specs.map((spec) => spec.incomingState ?? 'cold'),
+      ['/snap/state', 'cold'],
+    );
+    assert.ok(await backend.allExited());
+  });
+
+  test('a snapshot taken under another accelerator is not even tried: one warning, a cold boot', async () => {
+    const backend = new ScriptedBackend(commandEnds({ kind: ExitKind.EXITED, code: 0 }));
+    const out = io();
+    const kvmSnapshot: BootImage = { ...image, template: { name: 'tpl', dir: scratch }, snapshot: { accel: 'kvm', memoryFile: '/r', stateFile: '/s' } };
+    const result = await execInMicroVm(request(), out, deps(backend, kvmSnapshot), new AbortController().signal);
+    assert.equal(result.exitCode, 0);
+    assert.deepEqual(out.lines, ['template tpl: not using its snapshot (taken under KVM, this run uses TCG); booting cold']);
+    assert.deepEqual(backend.specs.map((spec) => spec.incomingState ?? 'cold'), ['cold']);
+  });
+});
