@@ -4,8 +4,9 @@ import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
  * Just enough of the on-disk ext4 format to read superblock state, inodes and directory blocks of an
  * image the guest may have crafted. Parsing it here (bounds-checked, in a memory-safe language) means
  * no name, mode or time from the image ever passes through debugfs's text output, which prints names
- * and symlink targets raw (a name containing "\n" could forge lines). debugfs is still used to read
- * file and directory *contents*, addressed by inode number only.
+ * and symlink targets raw (a name containing "\n" could forge lines). debugfs still reads directory
+ * blocks, addressed by inode number only; file contents and symlink targets are read here
+ * (ext4-data.ts).
  */
 
 const SUPERBLOCK_OFFSET = 1024;
@@ -14,6 +15,7 @@ const EXT4_MAGIC = 0xef53;
 const STATE_VALID = 0x1;
 const STATE_ERROR = 0x2;
 const INCOMPAT_RECOVER = 0x4;
+const RO_COMPAT_HUGE_FILE = 0x8;
 const RO_COMPAT_ORPHAN_PRESENT = 0x10000;
 
 /*
@@ -39,9 +41,15 @@ const INCOMPAT_KNOWN =
   INCOMPAT_LARGEDIR;
 
 const INODE_FLAG_ENCRYPT = 0x800;
+/** With huge_file, i_blocks counts filesystem blocks instead of 512-byte sectors. */
+const INODE_FLAG_HUGE_FILE = 0x40000;
 const INODE_FLAG_INLINE_DATA = 0x10000000;
 
 export const ROOT_INODE = 2;
+
+/** Where i_block (block map, extent tree root or fast symlink target) sits in an inode, and its size. */
+const I_BLOCK_OFFSET = 0x28;
+export const I_BLOCK_BYTES = 60;
 
 export interface Superblock {
   blockSize: number;
@@ -50,6 +58,7 @@ export interface Superblock {
   inodeSize: number;
   descSize: number;
   firstDataBlock: number;
+  blocksCount: number;
   freeBlocks: bigint;
   state: number;
   featureIncompat: number;
@@ -69,6 +78,8 @@ export interface Inode {
   uid: number;
   gid: number;
   size: bigint;
+  /** Bytes of blocks the inode has allocated (i_blocks): data, unwritten extents, extent tree and xattr block. */
+  allocatedBytes: bigint;
   links: number;
   /** Seconds since the epoch, with ext4's extra epoch bits applied. */
   mtimeSec: bigint;
@@ -85,7 +96,7 @@ export class Ext4Image {
   private constructor(
     private readonly fd: number,
     readonly sb: Superblock,
-    private readonly fileSize: number,
+    readonly fileSize: number,
   ) {}
 
   /**
@@ -119,7 +130,8 @@ export class Ext4Image {
     return undefined;
   }
 
-  private readAt(length: number, position: number): Buffer {
+  /** Bytes of the image, refusing any range that does not lie inside it. */
+  readAt(length: number, position: number): Buffer {
     if (position < 0 || position + length > this.fileSize) {
       throw new Ext4FormatError(`metadata at byte ${position} lies outside the image`);
     }
@@ -142,14 +154,25 @@ export class Ext4Image {
     return block;
   }
 
-  readInode(ino: number): Inode {
+  private readRawInode(ino: number): Buffer {
     const { inodesCount, inodesPerGroup, inodeSize, blockSize } = this.sb;
     if (!Number.isInteger(ino) || ino < 1 || ino > inodesCount) throw new Ext4FormatError(`inode number ${ino} out of range`);
     const group = Math.floor((ino - 1) / inodesPerGroup);
     const index = (ino - 1) % inodesPerGroup;
     const table = this.inodeTableBlock(group);
-    const raw = this.readAt(inodeSize, table * blockSize + index * inodeSize);
-    return parseInode(ino, raw, inodeSize);
+    return this.readAt(inodeSize, table * blockSize + index * inodeSize);
+  }
+
+  readInode(ino: number): Inode {
+    return parseInode(ino, this.readRawInode(ino), this.sb);
+  }
+
+  /**
+   * The inode's 60-byte i_block, read afresh. Not part of Inode: a scan holds an Inode per entry,
+   * and only extraction needs these bytes.
+   */
+  inodeBlockArea(ino: number): Buffer {
+    return this.readRawInode(ino).subarray(I_BLOCK_OFFSET, I_BLOCK_OFFSET + I_BLOCK_BYTES);
   }
 }
 
@@ -173,6 +196,7 @@ function parseSuperblock(b: Buffer): Superblock {
     inodeSize,
     descSize: is64 ? b.readUInt16LE(0xfe) : 32,
     firstDataBlock: b.readUInt32LE(0x14),
+    blocksCount: Number(BigInt(b.readUInt32LE(0x4)) + hi(0x150)),
     freeBlocks: BigInt(b.readUInt32LE(0xc)) + hi(0x158),
     state: b.readUInt16LE(0x3a),
     featureIncompat,
@@ -181,23 +205,28 @@ function parseSuperblock(b: Buffer): Superblock {
   };
 }
 
-function parseInode(ino: number, r: Buffer, inodeSize: number): Inode {
+function parseInode(ino: number, r: Buffer, sb: Superblock): Inode {
+  const { inodeSize } = sb;
   const extraIsize = inodeSize > 128 ? r.readUInt16LE(0x80) : 0;
   // i_mtime_extra sits at 0x88, so it exists when the extra area reaches past 0x8c.
   const hasMtimeExtra = extraIsize >= 0x8c - 0x80 && 0x80 + extraIsize <= inodeSize;
   const mtimeExtra = hasMtimeExtra ? r.readUInt32LE(0x88) : 0;
+  const flags = r.readUInt32LE(0x20);
+  const hugeFile = (sb.featureRoCompat & RO_COMPAT_HUGE_FILE) !== 0;
+  const blocks = BigInt(r.readUInt32LE(0x1c)) + (hugeFile ? BigInt(r.readUInt16LE(0x74)) << 32n : 0n);
   return {
     ino,
     mode: r.readUInt16LE(0x0),
     uid: r.readUInt16LE(0x2) | (r.readUInt16LE(0x78) << 16),
     gid: r.readUInt16LE(0x18) | (r.readUInt16LE(0x7a) << 16),
     size: BigInt(r.readUInt32LE(0x4)) + (BigInt(r.readUInt32LE(0x6c)) << 32n),
+    allocatedBytes: blocks * (hugeFile && flags & INODE_FLAG_HUGE_FILE ? BigInt(sb.blockSize) : 512n),
     links: r.readUInt16LE(0x1a),
     mtimeSec: BigInt(r.readInt32LE(0x10)) + (BigInt(mtimeExtra & 3) << 32n),
     mtimeNsec: mtimeExtra >>> 2,
     mtimeExtra,
     hasMtimeExtra,
-    flags: r.readUInt32LE(0x20),
+    flags,
   };
 }
 

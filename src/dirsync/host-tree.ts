@@ -8,6 +8,7 @@ export interface HostEntry {
 }
 
 const SLASH = Buffer.from('/');
+const SLASH_BYTE = 0x2f;
 
 export function joinRel(root: string, rel: Buffer): Buffer {
   return rel.length === 0 ? Buffer.from(root) : Buffer.concat([Buffer.from(root), SLASH, rel]);
@@ -36,4 +37,29 @@ export function walkHost(root: string): HostEntry[] {
     }
   }
   return entries;
+}
+
+function lstatOrUndefined(path: Buffer): BigIntStats | undefined {
+  try {
+    return lstatSync(path, { bigint: true });
+  } catch {
+    return undefined; // missing, or a parent is not a directory
+  }
+}
+
+/**
+ * lstat of `root/rel` that never looks through a symlink on the way there: every parent of `rel`
+ * under `root` must be a real directory, checked with lstat one component at a time; otherwise the
+ * answer is undefined, as for a path that does not exist. `realDirs` remembers the parents already
+ * checked (by relKey), so a walk over many entries lstats each directory once.
+ */
+export function lstatBeneath(root: string, rel: Buffer, realDirs: Set<string>): BigIntStats | undefined {
+  for (let cut = rel.indexOf(SLASH_BYTE); cut >= 0; cut = rel.indexOf(SLASH_BYTE, cut + 1)) {
+    const parent = rel.subarray(0, cut);
+    const key = relKey(parent);
+    if (realDirs.has(key)) continue;
+    if (!lstatOrUndefined(joinRel(root, parent))?.isDirectory()) return undefined;
+    realDirs.add(key);
+  }
+  return lstatOrUndefined(joinRel(root, rel));
 }

@@ -1,9 +1,10 @@
-import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MvmError } from '../errors.js';
-import { Ext4FormatError, Ext4Image, ROOT_INODE, S_IFDIR, S_IFMT, parseDirBlocks, unsupportedInode, type Inode } from './ext4.js';
+import { Ext4FormatError, Ext4Image, ROOT_INODE, S_IFDIR, S_IFMT, S_IFREG, parseDirBlocks, unsupportedInode, type Inode } from './ext4.js';
 import { lastLine, runTool } from '../run-tool.js';
 import { debugfsErrors } from './debugfs-errors.js';
+import { toolDeadlineMs } from './deadline.js';
 
 export interface ImageEntry {
   /** Path relative to the image root as raw bytes (names need not be UTF-8); empty for the root. */
@@ -13,8 +14,13 @@ export interface ImageEntry {
 
 export interface ScanLimits {
   maxEntries: number;
-  /** Bound on the sum of sizes of all directories and distinct regular files. */
+  /**
+   * Bound on what extraction writes: the sizes of all directories plus the blocks allocated to
+   * distinct regular files (their holes are never written).
+   */
   maxBytes: bigint;
+  /** Bound on the apparent sizes of distinct regular files: rsync reads holes as zeros, so this bounds its time. */
+  maxApparentBytes: bigint;
   /** Bound on a relative path in bytes, so every host path stays under PATH_MAX. */
   maxPathBytes: number;
 }
@@ -26,7 +32,10 @@ const DOTDOT = Buffer.from('..');
 /** Thrown when an image's structure is not something sync-back will trust. */
 export class UntrustedImageError extends Error {}
 
-/** Runs one debugfs command script inside `cwd` and fails on any reported error. */
+/**
+ * Runs one debugfs command script inside `cwd` and fails on any reported error. No script reads or
+ * writes more than the image, so its size sets the deadline.
+ */
 export async function debugfsScript(
   imagePath: string,
   cwd: string,
@@ -38,7 +47,8 @@ export async function debugfsScript(
   await writeFile(script, commands.join('\n') + '\n');
   try {
     const args = options.write ? ['-w', '-f', script, imagePath] : ['-f', script, imagePath];
-    const res = await runTool('debugfs', args, { cwd, signal: options.signal });
+    const timeoutMs = toolDeadlineMs((await stat(imagePath)).size);
+    const res = await runTool('debugfs', args, { cwd, signal: options.signal, timeoutMs });
     const errors = debugfsErrors(res.stderr);
     if (res.code !== 0 || errors.length > 0) throw new MvmError(`debugfs failed on ${imagePath}: ${lastLine(res.stderr)}`);
   } finally {
@@ -77,6 +87,7 @@ export async function scanImage(
     const seenDirs = new Set<number>([ROOT_INODE]);
     const countedFiles = new Set<number>();
     let bytes = root.inode.size;
+    let apparentBytes = 0n;
     let level: ImageEntry[] = [root];
 
     while (level.length > 0) {
@@ -115,11 +126,15 @@ export async function scanImage(
             seenDirs.add(ino);
             bytes += inode.size;
             next.push(entry);
-          } else if (!countedFiles.has(ino)) {
+          } else if ((inode.mode & S_IFMT) === S_IFREG && !countedFiles.has(ino)) {
             countedFiles.add(ino);
-            bytes += inode.size;
+            bytes += inode.allocatedBytes;
+            apparentBytes += inode.size;
           }
-          if (bytes > limits.maxBytes) throw new UntrustedImageError(`contents exceed ${limits.maxBytes} bytes`);
+          if (bytes > limits.maxBytes) throw new UntrustedImageError(`allocated contents exceed ${limits.maxBytes} bytes`);
+          if (apparentBytes > limits.maxApparentBytes) {
+            throw new UntrustedImageError(`file sizes exceed ${limits.maxApparentBytes} bytes`);
+          }
         }
       }
       level = next;

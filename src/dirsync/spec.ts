@@ -77,10 +77,17 @@ function checkGuest(spec: string, guestRaw: string): string {
   return guest;
 }
 
+/** Whether real path `inner` is `outer` or lies inside it. */
+function within(inner: string, outer: string): boolean {
+  return inner === outer || inner.startsWith(outer.endsWith('/') ? outer : `${outer}/`);
+}
+
 /**
  * Checks a whole set of --add-dir flags. Nested GUEST paths (/work and /work/sub) are refused: the
  * inner mount point would have to be created inside the outer image (impossible when it is ro),
- * and a rw outer dir would sync back an empty stand-in directory over HOST's copy.
+ * and a rw outer dir would sync back an empty stand-in directory over HOST's copy. HOST directories
+ * that are equal or nested are refused when either is rw: syncing one back rewrites the other's
+ * tree (the guest can turn x/sub into a symlink, and the sync of x/sub would then write through it).
  */
 export function validateAddDirs(specs: readonly AddDirSpec[]): void {
   for (let i = 0; i < specs.length; i++) {
@@ -96,6 +103,13 @@ export function validateAddDirs(specs: readonly AddDirSpec[]): void {
       if (inner.guestPath.startsWith(outer.guestPath + '/')) {
         throw new MvmError(
           `--add-dir '${showSpec(inner.spec)}': GUEST ${inner.guestPath} is inside ${outer.guestPath} of --add-dir '${showSpec(outer.spec)}'; mount them at separate, non-nested paths`,
+        );
+      }
+      const [hostOuter, hostInner] = a.hostPath.length <= b.hostPath.length ? [a, b] : [b, a];
+      if ((!a.readOnly || !b.readOnly) && within(hostInner.hostPath, hostOuter.hostPath)) {
+        const relation = hostInner.hostPath === hostOuter.hostPath ? 'is the same directory as' : 'is inside';
+        throw new MvmError(
+          `--add-dir '${showSpec(hostInner.spec)}': HOST ${hostInner.hostPath} ${relation} HOST ${hostOuter.hostPath} of --add-dir '${showSpec(hostOuter.spec)}', and a rw directory's sync-back would change the other; use separate, non-overlapping host directories or make both :ro`,
         );
       }
     }

@@ -7,12 +7,18 @@ import { relKey, walkHost, type HostEntry } from './host-tree.js';
 import { debugfsScript, scanImage } from './image-tree.js';
 import { showSpec, type AddDirSpec } from './spec.js';
 import { lastLine, runTool } from '../run-tool.js';
+import { toolDeadlineMs } from './deadline.js';
 
 export interface StagedDir {
   spec: AddDirSpec;
   /** The ext4 image to attach (read-only at the block layer when `readOnly`). */
   imagePath: string;
   readOnly: boolean;
+  /**
+   * HOST's device and inode (lstat) when it was staged. Sync-back writes only into this very
+   * directory: a HOST path that has become a symlink or another directory since is left alone.
+   */
+  hostIdentity: { dev: bigint; ino: bigint };
   /** Apparent size of the image file; the host allocates only what is written. */
   imageBytes: number;
   /** Entries under HOST (files, directories, links, ...) copied into the image. */
@@ -82,6 +88,10 @@ export async function stageAddDir(spec: AddDirSpec, stagingDir: string, options:
     const err = e as NodeJS.ErrnoException;
     throw new MvmError(`--add-dir '${showSpec(spec.spec)}': cannot read ${err.path ?? spec.hostPath}: ${err.code ?? err.message}`);
   }
+  const hostStat = hostEntries[0]!.stat;
+  if (!hostStat.isDirectory()) {
+    throw new MvmError(`--add-dir '${showSpec(spec.spec)}': ${spec.hostPath} is no longer a directory (replaced since the flag was checked)`);
+  }
   const est = estimate(hostEntries);
   const large = est.entries > LARGE_ENTRIES || est.contentBytes > LARGE_BYTES;
   if (large) {
@@ -106,6 +116,7 @@ export async function stageAddDir(spec: AddDirSpec, stagingDir: string, options:
     spec,
     imagePath,
     readOnly: spec.readOnly,
+    hostIdentity: { dev: hostStat.dev, ino: hostStat.ino },
     imageBytes: (await stat(imagePath)).size,
     entries: est.entries,
     contentBytes: est.contentBytes,
@@ -131,7 +142,7 @@ async function buildImage(
         '-N', String(inodes), '-O', '^has_journal,^resize_inode', '-L', 'mvm-add-dir',
         '-d', spec.hostPath, imagePath, `${sizeBytes / 1024}k`,
       ],
-      { signal },
+      { signal, timeoutMs: toolDeadlineMs(sizeBytes) },
     );
     const freeBytes = res.code === 0 ? imageFreeBytes(imagePath) : -1;
     if (res.code === 0 && (spec.readOnly || freeBytes >= rwFreeBytes)) return;
@@ -167,7 +178,12 @@ async function patchMetadata(
   const { entries } = await scanImage(
     imagePath,
     workDir,
-    { maxEntries: hostEntries.length + 16, maxBytes: BigInt(Number.MAX_SAFE_INTEGER), maxPathBytes: 1 << 20 },
+    {
+      maxEntries: hostEntries.length + 16,
+      maxBytes: BigInt(Number.MAX_SAFE_INTEGER),
+      maxApparentBytes: BigInt(Number.MAX_SAFE_INTEGER),
+      maxPathBytes: 1 << 20,
+    },
     signal,
   );
   const commands: string[] = [];

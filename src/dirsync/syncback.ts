@@ -1,16 +1,17 @@
 import type { BigIntStats } from 'node:fs';
-import {
-  chmodSync, linkSync, lstatSync, lutimesSync, mkdirSync, readdirSync, readlinkSync, statSync, symlinkSync, unlinkSync, utimesSync,
-} from 'node:fs';
+import { chmodSync, lstatSync, readdirSync, unlinkSync } from 'node:fs';
 import { chmod, lstat, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MvmError } from '../errors.js';
 import { silentProgress, type Progress } from '../progress.js';
-import { S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, uncleanReason, type Inode } from './ext4.js';
-import { joinRel } from './host-tree.js';
-import { debugfsScript, scanImage, UntrustedImageError, type ImageEntry, type ScanLimits } from './image-tree.js';
+import { toolDeadlineMs } from './deadline.js';
+import { Ext4FormatError, S_IFDIR, S_IFMT, S_IFREG, uncleanReason } from './ext4.js';
+import { joinRel, lstatBeneath } from './host-tree.js';
+import { scanImage, UntrustedImageError, type ImageEntry, type ScanLimits } from './image-tree.js';
 import { showSpec } from './spec.js';
 import type { StagedDir } from './stage.js';
+import { buildStagingTree, OWNER_READ, OWNER_READ_SEARCH } from './staging-tree.js';
+import { planTree, type Plan } from './sync-plan.js';
 import { lastLine, runTool } from '../run-tool.js';
 
 export interface SyncReport {
@@ -41,20 +42,13 @@ export interface SyncOptions {
 
 const MiB = 1024 ** 2;
 const GiB = 1024 ** 3;
+/** A sparse VM disk of a few hundred GB fits; rsync reads holes as zeros, so a hostile image costs minutes, not hours. */
+const MAX_APPARENT_BYTES = 256n * BigInt(GiB);
 const LARGE_ENTRIES = 2000;
 const LARGE_BYTES = 64 * MiB;
 const PATH_MAX = 4096;
 /** rsync writes `.NAME.XXXXXX` beside each file; its own bookkeeping needs some path room too. */
 const RSYNC_PATH_MARGIN = 64;
-
-const SUID_SGID = 0o6000;
-/*
- * rsync running as a normal user cannot read a mode-000 file or list a mode-000 directory in the
- * staging tree, so staging copies get owner read (and search) and the real modes are put back on
- * HOST after rsync (`restoreModes`).
- */
-const OWNER_READ = 0o400;
-const OWNER_READ_SEARCH = 0o500;
 
 /**
  * Brings the guest's final tree in a rw image back over HOST with `rsync -aH --delete` semantics.
@@ -63,10 +57,12 @@ const OWNER_READ_SEARCH = 0o500;
  *
  * The image is treated as hostile. It is checked with `e2fsck -fn`, walked by inode number with
  * a bounds-checked parser, and extracted by inode number into a private staging tree that holds
- * only directories, regular files and symlinks with no setuid/setgid bits, owned by the caller.
- * Only then does rsync merge it into HOST, copying symlinks as symlinks (no -L/-K: a host
- * directory symlink is replaced, never written through), with no -o/-g, no devices or specials,
- * and its usual write-aside-then-rename so no half-written file is ever visible in HOST.
+ * only directories, regular files and symlinks with no setuid/setgid bits and modes within the
+ * user's umask, owned by the caller. Only then does rsync merge it into HOST, copying symlinks as
+ * symlinks (no -L/-K: a host directory symlink is replaced, never written through), with no -o/-g,
+ * no devices or specials, and its usual write-aside-then-rename so no half-written file is ever
+ * visible in HOST. HOST itself must still be the directory that was staged (same device and inode,
+ * not a symlink), checked before anything is read from it and again just before rsync writes.
  */
 export async function syncBack(staged: StagedDir, options: SyncOptions = {}): Promise<SyncReport> {
   const started = Date.now();
@@ -78,17 +74,24 @@ export async function syncBack(staged: StagedDir, options: SyncOptions = {}): Pr
   };
   const host = staged.spec.hostPath;
   const discard = (why: string) => new MvmError(`--add-dir '${showSpec(staged.spec.spec)}': guest changes discarded, ${host} left as it was: ${why}`);
+  const checkHostIsStaged = () => {
+    const replaced = hostReplaced(staged);
+    if (replaced) throw discard(`${host} is no longer the directory that was staged (${replaced})`);
+  };
 
+  checkHostIsStaged();
   const unclean = await uncleanReason(staged.imagePath);
   if (unclean) throw discard(unclean);
-  const fsck = await runTool('e2fsck', ['-fn', staged.imagePath], { signal: options.signal });
+  const imageSize = (await stat(staged.imagePath)).size;
+  const fsck = await runTool('e2fsck', ['-fn', staged.imagePath], { signal: options.signal, timeoutMs: toolDeadlineMs(imageSize) });
   if (fsck.code !== 0) throw discard(`e2fsck found the filesystem damaged (${lastLine(fsck.stdout + fsck.stderr)})`);
 
-  const imageSize = (await stat(staged.imagePath)).size;
   const limits: ScanLimits = {
     maxEntries: 1_000_000,
-    // Extraction writes holes as zeros, so this bounds the staging disk a sparse-file bomb could fill.
+    // Extraction writes only allocated blocks; blocks shared between files (xattr blocks) count once
+    // per file, hence the margin over the image's own size.
     maxBytes: BigInt(Math.max(4 * imageSize, GiB)),
+    maxApparentBytes: MAX_APPARENT_BYTES,
     maxPathBytes: PATH_MAX - Buffer.byteLength(host) - RSYNC_PATH_MARGIN,
     ...options.limits,
   };
@@ -102,19 +105,27 @@ export async function syncBack(staged: StagedDir, options: SyncOptions = {}): Pr
       if (err instanceof UntrustedImageError) throw discard(`untrusted filesystem: ${err.message}`);
       throw err;
     }
-    const plan = await planTree(entries, host, warn);
-    const large = entries.length > LARGE_ENTRIES || plan.bytes > LARGE_BYTES;
-    if (large) progress(`reading back ${staged.spec.guestPath}: ${entries.length} entries, ${(plan.bytes / MiB).toFixed(0)} MB`);
+    const plan = planTree(entries, host, warn);
+    const large = entries.length > LARGE_ENTRIES || plan.apparentBytes > LARGE_BYTES;
+    if (large) progress(`reading back ${staged.spec.guestPath}: ${entries.length} entries, ${(plan.apparentBytes / MiB).toFixed(0)} MB`);
 
-    await extract(staged.imagePath, host, work, plan, options.signal);
+    try {
+      await buildStagingTree(staged.imagePath, host, work, plan, options.signal);
+    } catch (err) {
+      if (err instanceof Ext4FormatError) throw discard(`untrusted filesystem: ${err.message}`);
+      throw err;
+    }
     await writeFile(
       join(work, 'protect.rules'),
       Buffer.concat(plan.protect.flatMap((rel) => [Buffer.from('P /'), rsyncLiteral(rel), Buffer.from([0])])),
     );
 
     if (large) progress(`syncing ${staged.spec.guestPath} into ${host}`);
+    // Extracting a large image takes a while; HOST must still be the staged directory when rsync writes.
+    checkHostIsStaged();
     const before = listFileDirs(host, plan);
-    const res = await runRsync(work, host, options).catch((err: unknown) => {
+    const rsyncDeadlineMs = toolDeadlineMs(imageSize + plan.apparentBytes);
+    const res = await runRsync(work, host, rsyncDeadlineMs, options).catch((err: unknown) => {
       removeRsyncLeftovers(host, plan, before);
       throw err;
     });
@@ -124,7 +135,7 @@ export async function syncBack(staged: StagedDir, options: SyncOptions = {}): Pr
         `--add-dir '${showSpec(staged.spec.spec)}': syncing back into ${host} failed part-way (files already synced stay, none is half-written): ${lastLine(res.stderr)}`,
       );
     }
-    await restoreModes(host, plan);
+    restoreModes(host, plan);
     const stats = parseStats(res.stdout);
     if (large) progress(`synced ${staged.spec.guestPath} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     return { entries: entries.length, ...stats, warnings, durationMs: Date.now() - started };
@@ -133,184 +144,21 @@ export async function syncBack(staged: StagedDir, options: SyncOptions = {}): Pr
   }
 }
 
-interface Plan {
-  /** Entries to materialize in the staging tree, parents first. */
-  keep: ImageEntry[];
-  /** Paths rsync must leave alone on the host (relative, raw bytes). */
-  protect: Buffer[];
-  /** Distinct regular-file inodes to extract, with the mode they will get. */
-  files: Map<number, { inode: Inode; mode: number; paths: number }>;
-  symlinks: Map<number, Inode>;
-  bytes: number;
-}
-
-const KIND: Record<number, string> = {
-  0o010000: 'FIFO',
-  0o020000: 'character device',
-  0o060000: 'block device',
-  0o140000: 'socket',
-};
-
-async function hostStat(host: string, rel: Buffer): Promise<BigIntStats | undefined> {
-  return lstat(joinRel(host, rel), { bigint: true }).catch(() => undefined);
-}
-
-/**
- * Decides what reaches the host. Device nodes, FIFOs and sockets never do: HOST keeps whatever it
- * has at that path, and there is a warning unless HOST already had the same kind of entry there
- * (which is how they got into the image). setuid/setgid files arrive with those bits cleared and a
- * warning, except a file that HOST already has with the same bits, size and mtime, which is left
- * alone: the guest cannot make a privileged file this way, and an untouched one survives.
- */
-async function planTree(entries: readonly ImageEntry[], host: string, warn: (line: string) => void): Promise<Plan> {
-  const plan: Plan = { keep: [], protect: [], files: new Map(), symlinks: new Map(), bytes: 0 };
-  const shown = (rel: Buffer) => JSON.stringify(rel.toString('utf8'));
-  for (const entry of entries) {
-    const { rel, inode } = entry;
-    const type = inode.mode & S_IFMT;
-    if (type === S_IFDIR) {
-      plan.keep.push(entry);
-    } else if (type === S_IFLNK) {
-      plan.keep.push(entry);
-      plan.symlinks.set(inode.ino, inode);
-    } else if (type === S_IFREG) {
-      let mode = inode.mode & 0o7777;
-      if (mode & SUID_SGID) {
-        const st = await hostStat(host, rel);
-        const unchanged =
-          st?.isFile() &&
-          Number(st.mode & 0o7777n) === mode &&
-          st.size === inode.size &&
-          st.mtimeNs / 1_000_000_000n === inode.mtimeSec;
-        if (unchanged) {
-          plan.protect.push(rel);
-          continue;
-        }
-        warn(`${shown(rel)}: setuid/setgid bits dropped (mode ${(mode & ~SUID_SGID).toString(8)})`);
-        mode &= ~SUID_SGID;
-      }
-      plan.keep.push(entry);
-      const known = plan.files.get(inode.ino);
-      if (known) {
-        known.paths++;
-      } else {
-        plan.files.set(inode.ino, { inode, mode, paths: 1 });
-        plan.bytes += Number(inode.size);
-      }
-    } else {
-      const st = await hostStat(host, rel);
-      plan.protect.push(rel);
-      const sameKind = st && Number(st.mode & BigInt(S_IFMT)) === type;
-      if (!sameKind) warn(`${shown(rel)}: ${KIND[type] ?? `file type 0${type.toString(8)}`} not copied to the host`);
-    }
-  }
-  return plan;
-}
-
-/**
- * Assembles the staging tree. Contents and symlink targets come from debugfs by inode number only,
- * so debugfs never builds a host path from a name in the image. A file the guest evidently left
- * alone (single link, same size, mtime and mode as HOST's file) is hard-linked from HOST instead of
- * extracted: rsync's quick check then skips it, and should HOST change it meanwhile, rsync still
- * sees HOST's own bytes rather than a stale copy. Synchronous fs calls for the same reason as
- * walkHost: thousands of tiny operations.
- */
-async function extract(imagePath: string, host: string, work: string, plan: Plan, signal?: AbortSignal): Promise<void> {
-  const store = join(work, 'store');
-  const links = join(work, 'links');
-  const tree = join(work, 'tree');
-  mkdirSync(store);
-  mkdirSync(links);
-
-  const dirs: ImageEntry[] = [];
-  const fromImage: ImageEntry[] = [];
-  const toDump = new Set<number>();
-  for (const entry of plan.keep) {
-    const path = joinRel(tree, entry.rel);
-    const { inode } = entry;
-    const type = inode.mode & S_IFMT;
-    if (type === S_IFDIR) {
-      mkdirSync(path, { mode: 0o700 });
-      dirs.push(entry);
-    } else if (type === S_IFREG && !toDump.has(inode.ino) && linkUnchanged(host, entry, plan, path)) {
-      continue;
-    } else {
-      if (type === S_IFREG) toDump.add(inode.ino);
-      fromImage.push(entry);
-    }
-  }
-
-  await debugfsScript(
-    imagePath,
-    work,
-    [
-      ...[...toDump].map((ino) => `dump <${ino}> store/${ino}`),
-      ...[...plan.symlinks.keys()].map((ino) => `rdump <${ino}> links`),
-    ],
-    { signal },
-  );
-  for (const ino of toDump) {
-    const { inode, mode } = plan.files.get(ino)!;
-    const file = join(store, String(ino));
-    const { size } = statSync(file);
-    if (BigInt(size) !== inode.size) throw new MvmError(`reading file inode ${ino} from ${imagePath} gave ${size} bytes, expected ${inode.size}`);
-    chmodSync(file, mode | OWNER_READ);
-    setMtime(file, inode, utimesSync);
-  }
-  for (const { rel, inode } of fromImage) {
-    const path = joinRel(tree, rel);
-    if ((inode.mode & S_IFMT) === S_IFLNK) {
-      symlinkSync(readlinkSync(join(links, `<${inode.ino}>`), { encoding: 'buffer' }), path);
-      setMtime(path, inode, lutimesSync);
-    } else {
-      linkSync(join(store, String(inode.ino)), path);
-    }
-  }
-  // Directory modes and times last and deepest first: adding entries changes a directory's mtime,
-  // and a read-only directory could not be filled.
-  for (const { rel, inode } of dirs.reverse()) {
-    const path = joinRel(tree, rel);
-    chmodSync(path, (inode.mode & 0o1777) | OWNER_READ_SEARCH);
-    setMtime(path, inode, utimesSync);
-  }
-}
-
-function linkUnchanged(host: string, { rel, inode }: ImageEntry, plan: Plan, path: Buffer): boolean {
-  const file = plan.files.get(inode.ino)!;
-  if (inode.links !== 1 || file.paths !== 1 || file.mode !== (inode.mode & 0o7777)) return false;
-  const source = joinRel(host, rel);
+/** Why HOST is not the directory that was staged any more, or undefined when it is. */
+function hostReplaced(staged: StagedDir): string | undefined {
   let st: BigIntStats;
   try {
-    st = lstatSync(source, { bigint: true });
-  } catch {
-    return false;
+    st = lstatSync(staged.spec.hostPath, { bigint: true });
+  } catch (err) {
+    return `cannot lstat it: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`;
   }
-  const same =
-    st.isFile() &&
-    st.size === inode.size &&
-    st.mtimeNs / 1_000_000_000n === inode.mtimeSec &&
-    Number(st.mode & 0o7777n) === file.mode;
-  if (!same) return false;
-  try {
-    // link(2) does not follow a symlink that might have replaced the file since the lstat: at worst
-    // the staging tree holds that symlink, which rsync copies as a symlink.
-    linkSync(source, path);
-    return true;
-  } catch {
-    return false; // another filesystem, protected_hardlinks, ...: extract it instead
-  }
+  if (st.isSymbolicLink()) return 'it is a symlink now';
+  if (!st.isDirectory()) return 'it is not a directory now';
+  const { dev, ino } = staged.hostIdentity;
+  return st.dev === dev && st.ino === ino ? undefined : 'another directory has replaced it';
 }
 
-/**
- * Node takes times as float seconds, which cannot carry every nanosecond; rsync compares whole
- * seconds by default, so the seconds are what matter and they are exact here.
- */
-function setMtime(path: Buffer | string, inode: Inode, set: (p: Buffer | string, atime: number, mtime: number) => void): void {
-  const t = Number(inode.mtimeSec) + inode.mtimeNsec / 1e9;
-  set(path, t, t);
-}
-
-function runRsync(work: string, host: string, options: SyncOptions) {
+function runRsync(work: string, host: string, timeoutMs: number, options: SyncOptions) {
   return runTool(
     'rsync',
     [
@@ -318,7 +166,7 @@ function runRsync(work: string, host: string, options: SyncOptions) {
       '--from0', '--filter=. protect.rules',
       'tree/', `${host}/`,
     ],
-    { cwd: work, signal: options.signal, onStart: options.onRsyncStart },
+    { cwd: work, signal: options.signal, onStart: options.onRsyncStart, timeoutMs },
   );
 }
 
@@ -328,25 +176,32 @@ const RSYNC_TEMP = /^\..*\.[A-Za-z0-9]{6}$/s;
 
 /**
  * Names present now in every directory that will receive a regular file, keyed by the directory's
- * relative path, so a failed sync can tell rsync's temp files from the user's own files.
+ * relative path, so a failed sync can tell rsync's temp files from the user's own files. Like
+ * everything after rsync, this looks at HOST only through real directories: a symlink in HOST
+ * leads somewhere else, and rsync replaces it with the guest's directory.
  */
 function listFileDirs(host: string, plan: Plan): Map<string, Set<string>> {
   const listing = new Map<string, Set<string>>();
+  const realDirs = new Set<string>();
   for (const { rel, inode } of plan.keep) {
     if ((inode.mode & S_IFMT) !== S_IFREG) continue;
     const cut = rel.lastIndexOf(SLASH);
     const dir = cut < 0 ? Buffer.alloc(0) : rel.subarray(0, cut);
     const key = dir.toString('latin1');
     if (listing.has(key)) continue;
-    let names: Buffer[] = [];
-    try {
-      names = readdirSync(joinRel(host, dir), { encoding: 'buffer' });
-    } catch {
-      // not there yet: rsync will create it, so everything in it afterwards came from this sync
-    }
+    // Not a real directory yet: rsync will create it, so everything in it afterwards came from this sync.
+    const names = lstatBeneath(host, dir, realDirs)?.isDirectory() ? namesIn(joinRel(host, dir)) : [];
     listing.set(key, new Set(names.map((n) => n.toString('latin1'))));
   }
   return listing;
+}
+
+function namesIn(dir: Buffer): Buffer[] {
+  try {
+    return readdirSync(dir, { encoding: 'buffer' });
+  } catch {
+    return []; // unreadable or gone: nothing of ours can be in it
+  }
 }
 
 /**
@@ -356,15 +211,11 @@ function listFileDirs(host: string, plan: Plan): Map<string, Set<string>> {
  */
 function removeRsyncLeftovers(host: string, plan: Plan, before: Map<string, Set<string>>): void {
   const wanted = new Set(plan.keep.map((e) => e.rel.toString('latin1')));
+  const realDirs = new Set<string>();
   for (const [dirKey, existed] of before) {
     const dir = Buffer.from(dirKey, 'latin1');
-    let names: Buffer[];
-    try {
-      names = readdirSync(joinRel(host, dir), { encoding: 'buffer' });
-    } catch {
-      continue;
-    }
-    for (const name of names) {
+    if (!lstatBeneath(host, dir, realDirs)?.isDirectory()) continue;
+    for (const name of namesIn(joinRel(host, dir))) {
       const key = name.toString('latin1');
       const rel = dir.length === 0 ? name : Buffer.concat([dir, Buffer.from('/'), name]);
       if (existed.has(key) || wanted.has(rel.toString('latin1')) || !RSYNC_TEMP.test(key)) continue;
@@ -378,16 +229,16 @@ function removeRsyncLeftovers(host: string, plan: Plan, before: Map<string, Set<
   }
 }
 
-async function restoreModes(host: string, plan: Plan): Promise<void> {
-  for (const { rel, inode } of plan.keep) {
+function restoreModes(host: string, plan: Plan): void {
+  const realDirs = new Set<string>();
+  for (const { rel, inode, mode } of plan.keep) {
     const type = inode.mode & S_IFMT;
-    const mode = type === S_IFDIR ? inode.mode & 0o1777 : type === S_IFREG ? plan.files.get(inode.ino)!.mode : undefined;
+    if (type !== S_IFDIR && type !== S_IFREG) continue;
     const needed = type === S_IFDIR ? OWNER_READ_SEARCH : OWNER_READ;
-    if (mode === undefined || (mode & needed) === needed) continue;
-    const path = joinRel(host, rel);
-    const st = await lstat(path).catch(() => undefined);
+    if ((mode & needed) === needed) continue;
+    const st = lstatBeneath(host, rel, realDirs);
     // rsync made this entry moments ago; anything else there now is not ours to chmod.
-    if (st && (type === S_IFDIR ? st.isDirectory() : st.isFile())) await chmod(path, mode);
+    if (st && (type === S_IFDIR ? st.isDirectory() : st.isFile())) chmodSync(joinRel(host, rel), mode);
   }
 }
 

@@ -2,8 +2,8 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createServer } from 'node:net';
 import {
-  lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmSync, statSync,
-  symlinkSync, writeFileSync,
+  chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync,
+  rmSync, statSync, symlinkSync, utimesSync, writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,6 +12,8 @@ import { MvmError } from '../../src/errors.js';
 import {
   discardStaged, imageIsClean, parseAddDirSpec, stageAddDir, syncBack, treeDigest, uncleanReason, type StagedDir,
 } from '../../src/dirsync/index.js';
+import { Ext4Image, type Inode } from '../../src/dirsync/ext4.js';
+import { readSymlinkTarget } from '../../src/dirsync/ext4-data.js';
 import { scanImage, UntrustedImageError } from '../../src/dirsync/image-tree.js';
 
 const MiB = 1024 ** 2;
@@ -51,6 +53,25 @@ function debugfsW(image: string, ...cmds: string[]): void {
   execFileSync('debugfs', ['-w', '-f', '-', image], { input: cmds.join('\n'), stdio: ['pipe', 'ignore', 'ignore'] });
 }
 
+/**
+ * Puts a `debugfs` first in PATH that appends every command script it is given to `log`, then runs
+ * the real one: shows what sync-back hands to debugfs.
+ */
+function recordDebugfsScripts(log: string): () => void {
+  const shim = fresh('shim');
+  const real = execFileSync('sh', ['-c', 'command -v debugfs'], { encoding: 'utf8' }).trim();
+  writeFileSync(
+    join(shim, 'debugfs'),
+    `#!/bin/sh\nprev=\nfor a; do [ "$prev" = -f ] && cat "$a" >> '${log}'; prev=$a; done\nexec '${real}' "$@"\n`,
+    { mode: 0o755 },
+  );
+  const path = process.env.PATH;
+  process.env.PATH = `${shim}:${path}`;
+  return () => {
+    process.env.PATH = path;
+  };
+}
+
 /** Rewrites a name in the image's raw bytes: how a guest with the block device crafts what ext4 forbids. */
 function patchName(image: string, from: string, to: string): void {
   assert.equal(Buffer.byteLength(from), Buffer.byteLength(to));
@@ -73,7 +94,7 @@ async function assertDiscarded(staged: StagedDir, host: string, pattern: RegExp)
   assert.equal(treeDigest(host), before, 'HOST untouched');
 }
 
-const limits = { maxEntries: 1000, maxBytes: 1n << 40n, maxPathBytes: 4000 };
+const limits = { maxEntries: 1000, maxBytes: 1n << 40n, maxApparentBytes: 1n << 40n, maxPathBytes: 4000 };
 
 describe('hostile images', () => {
   it('drops setuid/setgid bits with a warning and never copies devices, FIFOs or sockets', async () => {
@@ -165,6 +186,105 @@ describe('hostile images', () => {
     assert.equal(readlinkSync(join(host, 'etc')), '/etc');
     assert.equal(readlinkSync(join(host, 'passwd')), '/etc/passwd');
     assert.deepEqual(readdirSync(outside), [], 'deleting sub/ did not go through the new symlink');
+  });
+
+  it('creates guest symlinks itself, as symlinks, whatever their targets, and hands debugfs only inode numbers', async () => {
+    const host = hostTree();
+    const guest = fresh('guest');
+    execFileSync('cp', ['-a', `${host}/.`, guest]);
+    const escape = `../../../../tmp/x-${process.pid}`;
+    const slowEscape = `${'../'.repeat(30)}tmp/x-${process.pid}`; // >= 60 bytes: kept in a data block, not the inode
+    const longest = 'a/'.repeat(2047) + 'b'; // 4095 bytes, the most symlink(2) takes
+    symlinkSync(escape, join(guest, 'fast'));
+    symlinkSync(slowEscape, join(guest, 'slow'));
+    symlinkSync(longest, join(guest, 'sub/longest'));
+    const staged = await hostileRun(host, guest);
+    const log = join(fresh('log'), 'debugfs.cmds');
+    writeFileSync(log, '');
+    const restore = recordDebugfsScripts(log);
+    try {
+      await syncBack(staged);
+    } finally {
+      restore();
+    }
+    assert.ok(lstatSync(join(host, 'fast')).isSymbolicLink());
+    assert.equal(readlinkSync(join(host, 'fast')), escape);
+    assert.equal(readlinkSync(join(host, 'slow')), slowEscape);
+    assert.equal(readlinkSync(join(host, 'sub/longest')), longest);
+    assert.ok(!existsSync(`/tmp/x-${process.pid}`), 'nothing written where a target points');
+    const commands = readFileSync(log, 'utf8').split('\n').filter(Boolean);
+    assert.ok(commands.length > 0);
+    for (const cmd of commands) assert.match(cmd, /^dump <\d+> [\w./]+$/, 'by inode number into a name sync-back chose');
+  });
+
+  it('reads a symlink target as exactly i_size bytes of the inode, refusing NUL, overlong targets and changed inodes', async () => {
+    const guest = fresh('guest');
+    symlinkSync('abcdef', join(guest, 'link'));
+    const staged = await stage(guest);
+    const scan = async () => (await scanImage(staged.imagePath, fresh('scan'), limits)).entries.find((e) => e.rel.toString() === 'link')!.inode;
+    const target = (scanned: Inode) => () => {
+      const img = Ext4Image.open(staged.imagePath);
+      try {
+        return readSymlinkTarget(img, scanned).toString('latin1');
+      } finally {
+        img.close();
+      }
+    };
+    const scanned = await scan();
+    assert.equal(target(scanned)(), 'abcdef');
+    // rdump strcpy()s i_block: it would stop at this NUL and make a different, shorter link.
+    debugfsW(staged.imagePath, 'sif link block[0] 0x00636261');
+    assert.throws(target(scanned), /NUL/);
+    debugfsW(staged.imagePath, 'sif link block[0] 0x64636261', 'sif link size 4');
+    assert.throws(target(scanned), /changed since/, 'the inode must still be what the scan saw');
+    debugfsW(staged.imagePath, 'sif link size 5000');
+    assert.throws(target(await scan()), /longer than 4095/);
+    debugfsW(staged.imagePath, 'sif link size 6', 'sif link mode 0100644');
+    assert.throws(target(scanned), /no longer a symlink/);
+    await discardStaged(staged);
+  });
+
+  it('discards the changes when HOST was replaced after staging (by a symlink or another directory)', async () => {
+    for (const replace of ['symlink', 'directory'] as const) {
+      const host = hostTree();
+      const staged = await stage(host);
+      const moved = `${host}.moved`;
+      renameSync(host, moved);
+      const elsewhere = fresh('elsewhere');
+      if (replace === 'symlink') symlinkSync(elsewhere, host);
+      else mkdirSync(host);
+      const before = [treeDigest(moved), treeDigest(elsewhere), treeDigest(host)];
+      await assert.rejects(syncBack(staged), (err: unknown) => {
+        assert.ok(err instanceof MvmError);
+        assert.match(err.message, /guest changes discarded, .* left as it was: .*no longer the directory that was staged/);
+        return true;
+      });
+      assert.deepEqual([treeDigest(moved), treeDigest(elsewhere), treeDigest(host)], before, `${replace}: nothing touched`);
+      await discardStaged(staged);
+    }
+  });
+
+  it('never hard-links a file reached through a symlink in HOST into the result', async () => {
+    const host = hostTree();
+    const outside = fresh('outside');
+    const secret = join(outside, 'id_key');
+    writeFileSync(secret, 'outside secret key\n');
+    chmodSync(secret, 0o600);
+    utimesSync(secret, 1_600_000_000, 1_600_000_000);
+    symlinkSync(outside, join(host, 'd'));
+    const guest = fresh('guest');
+    execFileSync('cp', ['-a', `${host}/.`, guest]);
+    rmSync(join(guest, 'd'));
+    mkdirSync(join(guest, 'd'));
+    // Same size, mode and mtime as the file behind HOST's symlink: what the shortcut compares.
+    writeFileSync(join(guest, 'd/id_key'), 'guest-written key!\n');
+    chmodSync(join(guest, 'd/id_key'), 0o600);
+    utimesSync(join(guest, 'd/id_key'), 1_600_000_000, 1_600_000_000);
+    await syncBack(await hostileRun(host, guest));
+    assert.ok(lstatSync(join(host, 'd')).isDirectory());
+    assert.equal(readFileSync(join(host, 'd/id_key'), 'utf8'), 'guest-written key!\n');
+    assert.equal(statSync(secret).nlink, 1, 'the outside file gained no link into HOST');
+    assert.equal(readFileSync(secret, 'utf8'), 'outside secret key\n');
   });
 
   it('replaces a host symlink with the guest directory instead of writing through it', async () => {

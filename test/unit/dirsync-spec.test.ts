@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -10,8 +10,9 @@ import { showSpec } from '../../src/dirsync/spec.js';
 const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-spec-')));
 const dir = join(base, 'proj');
 const colonDir = join(base, 'a:b');
-mkdirSync(dir);
+mkdirSync(join(dir, 'sub'), { recursive: true });
 mkdirSync(colonDir);
+symlinkSync(dir, join(base, 'alias'));
 writeFileSync(join(base, 'file'), 'x');
 after(() => rmSync(base, { recursive: true, force: true }));
 
@@ -68,7 +69,7 @@ describe('parseAddDirSpec', () => {
 describe('validateAddDirs', () => {
   const spec = (s: string) => parseAddDirSpec(s, base);
   it('accepts distinct, non-nested GUEST paths', () => {
-    validateAddDirs([spec('proj:/work'), spec('proj:/workbench:rw'), spec(`${colonDir}:/other`)]);
+    validateAddDirs([spec('proj:/work'), spec(`${colonDir}:/workbench:rw`), spec('proj/sub:/other')]);
   });
   it('rejects a shared GUEST path', () => {
     assert.throws(() => validateAddDirs([spec('proj:/work'), spec(`${colonDir}:/work/:rw`)]), (err: unknown) => {
@@ -81,5 +82,28 @@ describe('validateAddDirs', () => {
     for (const pair of [['proj:/work', 'proj:/work/sub'], ['proj:/work/sub', 'proj:/work']]) {
       assert.throws(() => validateAddDirs(pair.map(spec)), /is inside \/work .*non-nested/);
     }
+  });
+  it('rejects HOST directories that are equal or nested when either is rw, naming both specs', () => {
+    const pairs = [
+      ['proj:/w1:rw', 'proj/sub:/w2:rw'],
+      ['proj/sub:/w2:rw', 'proj:/w1:ro'],
+      ['proj:/w1:ro', `${dir}/./:/w2:rw`],
+      ['/:/w1:rw', 'proj:/w2:ro'],
+      ['alias:/w1:rw', 'proj:/w2:rw'],
+    ];
+    for (const pair of pairs) {
+      assert.throws(() => validateAddDirs(pair.map(spec)), (err: unknown) => {
+        assert.ok(err instanceof MvmError);
+        assert.ok(!err.message.includes('\n'), 'one line');
+        for (const s of pair) assert.ok(err.message.includes(`'${s}'`), `names ${s}: ${err.message}`);
+        assert.match(err.message, /(inside|same directory as).*separate/);
+        return true;
+      });
+    }
+  });
+  it('lets read-only HOST directories overlap, and siblings with a shared prefix pass', () => {
+    mkdirSync(join(base, 'proj-other'), { recursive: true });
+    validateAddDirs([spec('proj:/w1:ro'), spec('proj/sub:/w2:ro'), spec('proj:/w3')]);
+    validateAddDirs([spec('proj:/w1:rw'), spec('proj-other:/w2:rw')]);
   });
 });
