@@ -73,12 +73,18 @@ async function coldExec(image: GuestImage, work: string): Promise<void> {
   await writeFile(initrd, bareInitramfs('/bin/true'));
   const env = { ...process.env, MVM_STATE_DIR: join(work, 'state'), MVM_NO_TCG_WARNING: '1' };
   const exec: number[] = [];
+  const restored: number[] = [];
   const bare: number[] = [];
+  const node: number[] = [];
   for (let i = 0; i < RUNS; i++) {
-    exec.push(await timed(() => run(mvmctl, ['exec', '--cpus', String(CPUS), '--memory', `${MEMORY_MIB}M`, '--', 'true'], env)));
+    exec.push(await timed(() => run(mvmctl, ['exec', '--no-snapshot', '--cpus', String(CPUS), '--memory', `${MEMORY_MIB}M`, '--', 'true'], env)));
+    restored.push(await timed(() => run(mvmctl, ['exec', '--', 'true'], env)));
     bare.push(await timed(() => run('qemu-system-x86_64', bareQemu(image, initrd, work))));
+    node.push(await timed(() => run(process.execPath, ['-e', '0'])));
   }
-  report('mvmctl exec -- true (wall s)', median(exec), 'bare QEMU boot running true', median(bare), 1.1);
+  report('mvmctl exec --no-snapshot -- true (wall s)', median(exec), 'bare QEMU boot running true', median(bare), 1.1);
+  report('mvmctl exec -- true, default image restored (wall s)', median(restored), 'the same booted cold', median(exec), undefined);
+  report('mvmctl exec -- true, default image restored (wall s)', median(restored), '`node -e 0`', median(node), undefined);
 }
 
 /** VMM start to the agent's HELLO answer, through the product's own backend and session. */

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { rename, rm, writeFile } from 'node:fs/promises';
+import { readlink, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 
 /**
@@ -15,4 +15,23 @@ export async function writeFileAtomic(path: string, data: string | Buffer, mode 
     await rm(tmp, { force: true });
     throw error;
   }
+}
+
+/** A private name for new work by this process: `<prefix><pid>-<random>`. */
+export function workName(prefix: string): string {
+  return `${prefix}${process.pid}-${randomBytes(4).toString('hex')}`;
+}
+
+/** Points `link` at `target` (relative) atomically, replacing what it pointed to. */
+export async function swapSymlink(link: string, target: string): Promise<string | undefined> {
+  const previous = await readlink(link).catch(() => undefined);
+  const tmp = `${link}.${workName('new-')}`;
+  await symlink(target, tmp);
+  try {
+    await rename(tmp, link);
+  } catch (error) {
+    await rm(tmp, { force: true });
+    throw error;
+  }
+  return previous;
 }

@@ -3,7 +3,7 @@ import { BACKEND_CHOICES, selectBackend, type BackendChoice } from '../backends/
 import { MvmError } from '../errors.js';
 import { parseAddDirSpec, validateAddDirs } from '../dirsync/index.js';
 import { execInMicroVm } from '../exec/run.js';
-import { ensureDefaultImage } from '../image/index.js';
+import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, defaultBootImage } from '../exec/default-image.js';
 import { mergeEnv, parseEnvAssignment } from '../launchplan/env.js';
 import type { LaunchPlan } from '../launchplan/index.js';
 import { progressReporter } from '../progress.js';
@@ -33,8 +33,8 @@ export function execCommand(): Command {
     .description('boot a fresh microVM, run one command in it, stream its output, and tear the VM down')
     .usage('[options] -- CMD [ARGS...]')
     .argument('[command...]', 'the command and its arguments, run as given (no shell)')
-    .option('--cpus <n>', 'virtual CPUs', parseIntegerIn(1, 64), 2)
-    .addOption(new Option('--memory <size>', 'guest memory: K/M/G suffix, bare number = MiB').argParser(parseMemory).default(512, '512M'))
+    .option('--cpus <n>', 'virtual CPUs', parseIntegerIn(1, 64), DEFAULT_CPUS)
+    .addOption(new Option('--memory <size>', 'guest memory: K/M/G suffix, bare number = MiB').argParser(parseMemory).default(DEFAULT_MEMORY_MIB, `${DEFAULT_MEMORY_MIB}M`))
     .option('--timeout <seconds>', 'kill the command (exit 124) after this many seconds', parseIntegerIn(1, 7 * 24 * 3600), 60)
     .option('-e, --env <KEY=VALUE>', 'set an environment variable in the guest (repeatable)', collect, [])
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
@@ -44,7 +44,7 @@ export function execCommand(): Command {
     .option('--add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back after a clean exit (repeatable)', collect, [])
     .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
     .option('--manifest <name>', 'boot this template (mvmctl template build) instead of the default image; restores its snapshot when it has one')
-    .option('--no-snapshot', 'with --manifest: boot cold even when the template has a snapshot')
+    .option('--no-snapshot', 'boot cold even when the image or template has a snapshot')
     .passThroughOptions()
     .action(async (argv: string[], options: ExecOptions, command: Command) => {
       const cliEnv = Object.fromEntries(options.env.map(parseEnvAssignment));
@@ -66,19 +66,14 @@ export function execCommand(): Command {
         if (command.getOptionValueSource('cpus') === 'default') options.cpus = template.meta.cpus;
         if (command.getOptionValueSource('memory') === 'default') options.memory = template.meta.memoryMiB;
       }
-      const ensureImage = template
-        ? () =>
-            templateBootImage(template, backend, {
-              cpus: options.cpus,
-              memoryMiB: options.memory,
-              addDirs: addDirs.length,
-              noSnapshot: !options.snapshot,
-            })
-        : ensureDefaultImage;
+      const bootTimeoutMs = bootTimeoutFromEnv();
       const log = logLine;
+      const snapshotRequest = { cpus: options.cpus, memoryMiB: options.memory, addDirs: addDirs.length, noSnapshot: !options.snapshot };
+      const ensureImage = template
+        ? async () => templateBootImage(template, backend, snapshotRequest)
+        : defaultBootImage({ backend, request: snapshotRequest, bootTimeoutMs, log });
       const accel = accelChoice(options.accel);
       if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
-      const bootTimeoutMs = bootTimeoutFromEnv();
       process.exitCode = await runInterruptibly((signal) =>
         execInMicroVm(
           {

@@ -1,6 +1,11 @@
-import { Command } from 'commander';
-
+import { Command, Option } from 'commander';
+import { accelChoice, type AccelChoice } from '../accel/index.js';
+import { BACKEND_CHOICES, selectBackend, type BackendChoice } from '../backends/index.js';
+import { planBootAccel } from '../exec/boot.js';
+import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, ensureDefaultSnapshot } from '../exec/default-image.js';
 import { defaultImageStatus, ensureDefaultImage, type GuestImage } from '../image/index.js';
+import { readSnapshotMeta } from '../snapshots/index.js';
+import { accelOption, bootTimeoutFromEnv, logLine } from './parse.js';
 import { readKernelBuildInfo } from '../image/kernel.js';
 import { progressReporter } from '../progress.js';
 import { runInterruptibly } from './signals.js';
@@ -27,7 +32,16 @@ async function describe(image: GuestImage): Promise<string[]> {
     `agent:       ${m.agent.path} (${m.agent.version ?? 'version unknown'}, sha256 ${m.agent.sha256.slice(0, 16)}…)`,
     `busybox:     ${m.busybox.path} (sha256 ${m.busybox.sha256.slice(0, 16)}…)`,
     `kernel args: ${image.kernelArgs.join(' ')}`,
+    `snapshot:    ${await snapshotLine(image)}`,
   ];
+}
+
+async function snapshotLine(image: GuestImage): Promise<string> {
+  const found = await readSnapshotMeta(image.dir).catch(() => 'damaged' as const);
+  if (found === 'damaged') return 'damaged (unreadable metadata): `mvmctl image build --force` retakes it';
+  if (!found) return 'none yet (taken by `mvmctl image build` or the first exec that can use it)';
+  const m = found.meta;
+  return `taken ${m.createdAt} under ${m.accel === 'kvm' ? 'KVM' : 'TCG'}, ${m.cpus} CPUs, ${m.memoryMiB} MiB (${found.dir})`;
 }
 
 /** `mvmctl image build|info`: the default guest image (kernel + initramfs with busybox and the agent). */
@@ -38,12 +52,24 @@ export function imageCommand(): Command {
     .command('build')
     .description('build the default guest image now (the first build compiles a kernel: about 10 minutes)')
     .option('--kernel <path>', 'use this uncompressed vmlinux instead of building one (also MVM_KERNEL)')
-    .option('--force', 'rebuild the initramfs even when it is up to date')
+    .option('--force', 'rebuild the initramfs even when it is up to date, and retake its snapshot')
+    .option('--no-snapshot', 'do not take the snapshot exec restores from (the first exec that can use it will)')
+    .addOption(new Option('--backend <name>', 'VMM to take the snapshot with').choices(BACKEND_CHOICES).default('auto'))
+    .addOption(accelOption())
     .option('-v, --verbose', 'show progress even when stderr is not a terminal')
-    .action(async (options: { kernel?: string; force?: boolean; verbose?: boolean }) => {
+    .action(async (options: { kernel?: string; force?: boolean; snapshot: boolean; backend: BackendChoice; accel?: AccelChoice; verbose?: boolean }) => {
       const progress = progressReporter({ force: options.verbose });
+      const backend = selectBackend(options.backend);
+      const choice = accelChoice(options.accel);
       process.exitCode = await runInterruptibly(async (signal) => {
         const built = await ensureDefaultImage({ progress, signal, kernelPath: options.kernel, force: options.force });
+        if (options.snapshot) {
+          const accel = await planBootAccel(backend, choice, built.kernelSha256, logLine);
+          const request = { cpus: DEFAULT_CPUS, memoryMiB: DEFAULT_MEMORY_MIB, addDirs: 0, noSnapshot: false };
+          const result = await ensureDefaultSnapshot(built, accel, { backend, request, bootTimeoutMs: bootTimeoutFromEnv(), log: logLine, progress, signal });
+          if (result.warning) logLine(result.warning);
+          else if (result.note && options.verbose) logLine(result.note);
+        }
         process.stdout.write((await describe(built)).join('\n') + '\n');
         return 0;
       });

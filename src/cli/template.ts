@@ -4,19 +4,9 @@ import { Command, Option } from 'commander';
 import { BACKEND_CHOICES, selectBackend, type BackendChoice } from '../backends/index.js';
 import { MvmError } from '../errors.js';
 import { progressReporter } from '../progress.js';
-import {
-  buildTemplate,
-  captureSnapshot,
-  listTemplates,
-  readSnapshotMeta,
-  removeSnapshot,
-  removeTemplate,
-  requireTemplate,
-  verifySnapshot,
-  vmsUsing,
-  type SnapshotMeta,
-  type Template,
-} from '../templates/index.js';
+import { planBootAccel } from '../exec/boot.js';
+import { captureSnapshot, readSnapshotMeta, removeSnapshot, verifySnapshot, type SnapshotMeta } from '../snapshots/index.js';
+import { buildTemplate, listTemplates, removeTemplate, requireTemplate, templateSubject, vmsUsing, type Template } from '../templates/index.js';
 import { accelChoice, type AccelChoice } from '../accel/index.js';
 import { accelOption, bootTimeoutFromEnv, logLine, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
@@ -32,7 +22,7 @@ function sourceText(template: Template): string {
 
 async function snapshotOf(template: Template): Promise<{ dir: string; meta: SnapshotMeta } | 'damaged' | undefined> {
   try {
-    return await readSnapshotMeta(template);
+    return await readSnapshotMeta(template.dir);
   } catch {
     return 'damaged';
   }
@@ -159,7 +149,7 @@ export function templateCommand(): Command {
     .action(async (name: string, options: { json?: boolean; verify?: boolean }) => {
       const t = await requireTemplate(name);
       const info = await summary(t);
-      const problems = options.verify ? await verifySnapshot(t) : undefined;
+      const problems = options.verify ? await verifySnapshot(t.dir) : undefined;
       const users = await vmsUsing(t.dir);
       if (options.json) {
         process.stdout.write(JSON.stringify({ ...info, inUseBy: users, ...(problems ? { verifyProblems: problems } : {}) }, null, 2) + '\n');
@@ -210,14 +200,15 @@ export function templateCommand(): Command {
     .action(async (name: string, options: { rm?: boolean; backend: BackendChoice; accel?: AccelChoice; verbose?: boolean }) => {
       const t = await requireTemplate(name);
       if (options.rm) {
-        if (!(await removeSnapshot(t))) throw new MvmError(`template '${name}' has no snapshot`, 1);
+        if (!(await removeSnapshot(t.dir))) throw new MvmError(`template '${name}' has no snapshot`, 1);
         return;
       }
       const backend = selectBackend(options.backend);
       const accel = accelChoice(options.accel);
       const progress = progressReporter({ force: options.verbose });
       process.exitCode = await runInterruptibly(async (signal) => {
-        await captureSnapshot(t, { backend, progress, signal, bootTimeoutMs: bootTimeoutFromEnv(), accel, log: logLine });
+        const plan = await planBootAccel(backend, accel, t.meta.kernel.sha256, logLine);
+        await captureSnapshot(templateSubject(t), { backend, progress, signal, bootTimeoutMs: bootTimeoutFromEnv(), accel: plan, log: logLine });
         return 0;
       });
     });

@@ -40,8 +40,8 @@ export interface ExecIo {
 }
 
 /**
- * What to boot: the default image (a GuestImage fits) or a template (src/templates/), which adds a
- * root drive and possibly a snapshot to restore instead of booting.
+ * What to boot: the default image (src/exec/default-image.ts) or a template (src/templates/), which
+ * adds a root drive; either may offer a snapshot to restore instead of booting.
  */
 export interface BootImage {
   kernel: string;
@@ -50,19 +50,25 @@ export interface BootImage {
   initrd?: string;
   kernelArgs: readonly string[];
   rootDrive?: RootDriveSpec;
-  /** A snapshot that fits this request (checked by the template code); tried before a cold boot. */
-  snapshot?: RestorePlan;
+  /** Starts lines about the image: `template NAME`, `the default image`. */
+  label?: string;
   /** Name and directory of the template, recorded in the VM's directory so `template rm` sees it is in use. */
   template?: { name: string; dir: string };
-  /** Why a snapshot the template has cannot be used: printed as one warning line before booting cold. */
-  snapshotWarning?: string;
-  /** Why a snapshot is not used for this request (--no-snapshot, --add-dir, other cpus): shown with -v. */
-  snapshotNote?: string;
+  /** Whether a snapshot fits this run under `accel`; tried before a cold boot. */
+  chooseSnapshot?: (accel: AccelPlan, signal: AbortSignal) => Promise<SnapshotChoice>;
+}
+
+export interface SnapshotChoice {
+  plan?: RestorePlan;
+  /** The snapshot is unusable (damaged, stale, another accelerator): one warning line, then a cold boot. */
+  warning?: string;
+  /** This request rules a snapshot out (--no-snapshot, --add-dir, other sizes): shown with -v. */
+  note?: string;
 }
 
 export interface RestorePlan {
-  /** The accelerator the snapshot was taken under; a restore under the other one is not attempted. */
-  accel?: Accel;
+  /** The accelerator the snapshot was taken under. */
+  accel: Accel;
   /** Guest RAM, mapped copy-on-write: the file is never written. */
   memoryFile: string;
   /** Device state written by the VMM when the snapshot was taken. */
@@ -154,16 +160,17 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     const guestSignal = AbortSignal.any([signal, guestDeadline.signal]);
     // A request in flight (MOUNT, UNMOUNT…) ends at once, not at its own deadline.
     guestSignal.addEventListener('abort', () => session?.close(), { once: true });
-    if (image.snapshotWarning) io.log(image.snapshotWarning);
-    else if (image.snapshotNote && io.verbose) io.log(image.snapshotNote);
-    const snapshot = image.snapshot && staged.length === 0 ? usableSnapshot(image, accel, io) : undefined;
+    const choice: SnapshotChoice = image.chooseSnapshot ? await image.chooseSnapshot(accel, guestSignal) : {};
+    if (choice.warning) io.log(choice.warning);
+    else if (choice.note && io.verbose) io.log(choice.note);
+    const snapshot = staged.length === 0 ? choice.plan : undefined;
     if (snapshot) {
       const restore = await restoreSnapshot(deps.backend, { ...spec, accel: accel.accel }, snapshot, record, guestSignal);
       if ('session' in restore) {
         ({ vm, session } = restore);
         timings.mark(`restored from snapshot, agent ready (${session.agentVersion})`);
       } else {
-        io.log(`${image.template ? `template ${image.template.name}: ` : ''}restoring the snapshot failed (${restore.error}); booting cold instead`);
+        io.log(`${image.label ? `${image.label}: ` : ''}restoring the snapshot failed (${restore.error}); booting cold instead`);
         timings.mark('snapshot restore failed');
       }
     }
@@ -228,27 +235,6 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
 
 function accelName(accel: Accel): string {
   return accel === 'kvm' ? 'KVM' : 'TCG';
-}
-
-/**
- * The image's snapshot when this run may restore it. A snapshot holds the CPU state of the
- * accelerator it was taken under (KVM adds kvmclock and the host's CPU model), which the other one
- * cannot load, so it is used only under the same one; a KVM that is not proven on this host boot
- * yet is proven by a cold boot first.
- */
-function usableSnapshot(image: BootImage, accel: AccelPlan, io: ExecIo): RestorePlan | undefined {
-  const snapshot = image.snapshot!;
-  const owner = image.template ? `template ${image.template.name}: ` : '';
-  if (snapshot.accel !== accel.accel) {
-    const taken = snapshot.accel ? `taken under ${accelName(snapshot.accel)}` : 'its accelerator is not recorded';
-    io.log(`${owner}not using its snapshot (${taken}, this run uses ${accelName(accel.accel)}); booting cold`);
-    return undefined;
-  }
-  if (accel.probe) {
-    if (io.verbose) io.log(`${owner}snapshot not used: KVM has not yet been proven on this host since it booted; booting cold`);
-    return undefined;
-  }
-  return snapshot;
 }
 
 /**

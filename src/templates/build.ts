@@ -13,12 +13,14 @@ import { MvmError } from '../errors.js';
 import { agentVersion, DEFAULT_KERNEL_ARGS, ensureDefaultImage, sha256File } from '../image/index.js';
 import { silentProgress, type Progress } from '../progress.js';
 import { buildTemplateInitramfs, MOUNT_POINTS, RESERVED_DIR, TEMPLATE_LAYOUT_VERSION } from './initramfs.js';
-import { captureSnapshot } from './snapshot.js';
+import { planBootAccel } from '../exec/boot.js';
+import { swapSymlink } from '../fs-atomic.js';
+import { captureSnapshot } from '../snapshots/index.js';
+import { templateSubject } from './subject.js';
 import {
   collectGarbage,
   ensureTemplatesDir,
   findTemplate,
-  swapSymlink,
   TEMPLATE_META_FILE,
   validateTemplateName,
   versionDirName,
@@ -114,12 +116,12 @@ export async function buildTemplate(options: BuildOptions): Promise<Template> {
     await writeFile(join(dir, TEMPLATE_META_FILE), JSON.stringify(meta, null, 2) + '\n');
     const template: Template = { name: options.name, dir, meta };
     if (options.snapshot) {
-      await captureSnapshot(template, {
+      await captureSnapshot(templateSubject(template), {
         backend: options.backend,
         progress,
         signal: options.signal,
         bootTimeoutMs: options.bootTimeoutMs,
-        accel: options.accel,
+        accel: await planBootAccel(options.backend, options.accel, meta.kernel.sha256, options.log),
         log: options.log,
       });
     }

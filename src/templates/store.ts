@@ -15,18 +15,17 @@
  * and an interrupted build leaves the old template as it was. Directories a dead process left behind
  * (its pid is in the name) are removed by the next template command.
  */
-import { randomBytes } from 'node:crypto';
-import { lstat, mkdir, readdir, readFile, readlink, realpath, rename, rm, symlink } from 'node:fs/promises';
+import { lstat, mkdir, readdir, readFile, readlink, realpath, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MvmError } from '../errors.js';
+import { workName } from '../fs-atomic.js';
+import { removeSnapshotLeftovers } from '../snapshots/index.js';
 import { pidAlive } from '../image/lock.js';
 import { dataDir } from '../paths.js';
 import { listVms } from '../state/registry.js';
 import { TEMPLATE_MARKER_FILE } from '../exec/run.js';
 
 export const TEMPLATE_META_FILE = 'template.json';
-export const SNAPSHOT_META_FILE = 'snapshot.json';
-export const SNAPSHOT_LINK = 'snapshot';
 
 export interface FileRecord {
   file: string;
@@ -75,27 +74,8 @@ export function templatesDir(): string {
   return join(dataDir(), 'templates');
 }
 
-/** A private name for new work by this process: `<prefix><pid>-<random>`. */
-export function workName(prefix: string): string {
-  return `${prefix}${process.pid}-${randomBytes(4).toString('hex')}`;
-}
-
 export function versionDirName(name: string): string {
   return workName(`.${name}.v-`);
-}
-
-/** Points `link` at `target` (relative) atomically, replacing what it pointed to. */
-export async function swapSymlink(link: string, target: string): Promise<string | undefined> {
-  const previous = await readlink(link).catch(() => undefined);
-  const tmp = `${link}.${workName('new-')}`;
-  await symlink(target, tmp);
-  try {
-    await rename(tmp, link);
-  } catch (error) {
-    await rm(tmp, { force: true });
-    throw error;
-  }
-  return previous;
 }
 
 async function readMeta(dir: string): Promise<TemplateMeta | undefined> {
@@ -178,17 +158,7 @@ export async function collectGarbage(): Promise<void> {
       await rm(join(root, entry), { recursive: true, force: true }).catch(() => {});
     }
   }
-  for (const target of live) {
-    const dir = join(root, target);
-    const current = await readlink(join(dir, SNAPSHOT_LINK)).catch(() => undefined);
-    for (const entry of await readdir(dir).catch(() => [] as string[])) {
-      const pid = ownerPid(entry);
-      if (pid === undefined || pidAlive(pid) || entry === current) continue;
-      if (entry.startsWith('snap-') || entry.startsWith('.work-') || entry.includes('.new-')) {
-        await rm(join(dir, entry), { recursive: true, force: true }).catch(() => {});
-      }
-    }
-  }
+  for (const target of live) await removeSnapshotLeftovers(join(root, target));
 }
 
 export async function ensureTemplatesDir(): Promise<string> {

@@ -60,7 +60,7 @@ const brokenKvmSkip =
 
 describe('accelerator: a /dev/kvm that cannot run the guest', { skip: brokenKvmSkip }, () => {
   test('auto: the host checks pick TCG without booting KVM, with one line that names why', async () => {
-    const result = await mvmctl(['exec', '-v', '--', 'echo', 'ok'], env);
+    const result = await mvmctl(['exec', '-v', '--no-snapshot', '--', 'echo', 'ok'], env);
     assert.equal(result.code, 0, result.stderr);
     assert.equal(result.stdout.toString(), 'ok\n');
     assert.deepEqual(warnings(result.stderr), [`mvmctl: ${host.ruledOut}: emulating the CPU with TCG, which is much slower than KVM (--accel tcg or MVM_ACCEL=tcg skips this check; MVM_NO_TCG_WARNING=1 hides this line)`]);
@@ -73,7 +73,7 @@ describe('accelerator: a /dev/kvm that cannot run the guest', { skip: brokenKvmS
 
   test('auto, checks off: the KVM boot fails fast, the same run goes on under TCG, the verdict is remembered', async () => {
     const probeEnv = { ...env, MVM_KVM_PRECHECK: '0', MVM_BOOT_TIMEOUT: '600' };
-    const first = await mvmctl(['exec', '-v', '--', 'sh', '-c', 'echo ok; exit 3'], probeEnv);
+    const first = await mvmctl(['exec', '-v', '--no-snapshot', '--', 'sh', '-c', 'echo ok; exit 3'], probeEnv);
     assert.equal(first.code, 3, first.stderr);
     assert.equal(first.stdout.toString(), 'ok\n');
     const fallback = warnings(first.stderr);
@@ -87,7 +87,7 @@ describe('accelerator: a /dev/kvm that cannot run the guest', { skip: brokenKvmS
     assert.match(verdict?.reason ?? '', /KVM internal error/);
     await assertNoVmLeft(isolated.stateDir);
 
-    const second = await mvmctl(['exec', '-v', '--', 'true'], probeEnv);
+    const second = await mvmctl(['exec', '-v', '--no-snapshot', '--', 'true'], probeEnv);
     assert.equal(second.code, 0, second.stderr);
     assert.equal(vmmStarts(second.stderr), 1, 'the remembered verdict saves the KVM boot');
     assert.match(warnings(second.stderr).join('\n'), /KVM cannot run the guest here: KVM internal error.*\(found by a boot on /);
@@ -95,7 +95,7 @@ describe('accelerator: a /dev/kvm that cannot run the guest', { skip: brokenKvmS
   });
 
   test('--accel kvm: exit 125 with one line as soon as QEMU reports the failure, not after the boot timeout', async () => {
-    const result = await mvmctl(['exec', '--accel', 'kvm', '--', 'true'], { ...env, MVM_BOOT_TIMEOUT: '600' });
+    const result = await mvmctl(['exec', '--accel', 'kvm', '--no-snapshot', '--', 'true'], { ...env, MVM_BOOT_TIMEOUT: '600' });
     assert.equal(result.code, 125, result.stderr);
     const [first] = result.stderr.split('\n');
     assert.match(first!, /^mvmctl: --accel kvm: KVM cannot run the guest on this host: KVM internal error.* \(use --accel auto or tcg\)$/);
@@ -109,7 +109,7 @@ describe('accelerator: a /dev/kvm that cannot run the guest', { skip: brokenKvmS
     const info = JSON.parse((await mvmctl(['template', 'info', 'acc', '--json'], env)).stdout.toString()) as { snapshot: { accel: string } };
     assert.equal(info.snapshot.accel, 'tcg');
     const underKvm = await mvmctl(['exec', '--manifest', 'acc', '--accel', 'kvm', '--', 'true'], env);
-    assert.match(underKvm.stderr, /^mvmctl: template acc: not using its snapshot \(taken under TCG, this run uses KVM\); booting cold$/m);
+    assert.match(underKvm.stderr, /^mvmctl: template acc: not using its snapshot \(taken under TCG, this run uses KVM\); booting cold\. Retake it with 'mvmctl template snapshot acc'$/m);
     assert.equal(underKvm.code, 125, 'and this KVM cannot boot it cold either');
     const underTcg = await mvmctl(['exec', '-v', '--manifest', 'acc', '--accel', 'tcg', '--', 'true'], env);
     assert.equal(underTcg.code, 0, underTcg.stderr);
@@ -122,7 +122,7 @@ const workingKvmSkip = host.device === 'present' && !host.ruledOut ? false : 'KV
 
 describe('accelerator: a /dev/kvm that runs the guest', { skip: workingKvmSkip }, () => {
   test('auto boots under KVM, records that it works, and the next run trusts it', async () => {
-    const first = await mvmctl(['exec', '-v', '--', 'true'], env);
+    const first = await mvmctl(['exec', '-v', '--no-snapshot', '--', 'true'], env);
     assert.equal(first.code, 0, first.stderr);
     assert.match(first.stderr, /agent ready \(mvm-agent [^,]+, KVM\)/);
     assert.deepEqual(verdicts().map((v) => v.usable), [true]);

@@ -137,8 +137,8 @@ describe('exec lifecycle (scripted guest)', () => {
     const out = io();
     const withSnapshot: BootImage = {
       ...image,
-      template: { name: 'tpl', dir: scratch },
-      snapshot: { accel: 'tcg', memoryFile: '/snap/ram', stateFile: '/snap/state' },
+      label: 'template tpl',
+      chooseSnapshot: async () => ({ plan: { accel: 'tcg', memoryFile: '/snap/ram', stateFile: '/snap/state' } }),
     };
     const result = await execInMicroVm(request(), out, deps(backend, withSnapshot), new AbortController().signal);
     assert.equal(result.exitCode, 0);
@@ -151,12 +151,20 @@ describe('exec lifecycle (scripted guest)', () => {
     assert.ok(await backend.allExited());
   });
 
-  test('a snapshot taken under another accelerator is not even tried: one warning, a cold boot', async () => {
+  test('a snapshot the image rules out for this run: its warning, then a cold boot; the accelerator is asked for', async () => {
     const backend = new ScriptedBackend(commandEnds({ kind: ExitKind.EXITED, code: 0 }));
     const out = io();
-    const kvmSnapshot: BootImage = { ...image, template: { name: 'tpl', dir: scratch }, snapshot: { accel: 'kvm', memoryFile: '/r', stateFile: '/s' } };
-    const result = await execInMicroVm(request(), out, deps(backend, kvmSnapshot), new AbortController().signal);
+    const asked: string[] = [];
+    const stale: BootImage = {
+      ...image,
+      chooseSnapshot: async (accel) => {
+        asked.push(accel.accel);
+        return { warning: 'template tpl: not using its snapshot (taken under KVM, this run uses TCG); booting cold' };
+      },
+    };
+    const result = await execInMicroVm(request(), out, deps(backend, stale), new AbortController().signal);
     assert.equal(result.exitCode, 0);
+    assert.deepEqual(asked, ['tcg']);
     assert.deepEqual(out.lines, ['template tpl: not using its snapshot (taken under KVM, this run uses TCG); booting cold']);
     assert.deepEqual(backend.specs.map((spec) => spec.incomingState ?? 'cold'), ['cold']);
   });

@@ -1,0 +1,139 @@
+import { mkdir, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { join, relative } from 'node:path';
+import type { AccelPlan } from '../accel/index.js';
+import type { Backend, RunningVm } from '../backends/types.js';
+import { MvmError } from '../errors.js';
+import { bootVm } from '../exec/boot.js';
+import { swapSymlink, workName } from '../fs-atomic.js';
+import { sha256File } from '../image/index.js';
+import { pidAlive } from '../image/lock.js';
+import { silentProgress, type Progress } from '../progress.js';
+import { lastLine, runTool } from '../run-tool.js';
+import { createVmDir, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord } from '../state/registry.js';
+import { SNAPSHOT_FORMAT, SNAPSHOT_LINK, SNAPSHOT_META_FILE, subjectInputs, type SnapshotFile, type SnapshotMeta, type SnapshotSubject } from './subject.js';
+
+export interface CaptureOptions {
+  backend: Backend;
+  progress?: Progress;
+  signal: AbortSignal;
+  bootTimeoutMs: number;
+  /** Planned by the caller (planBootAccel), so that a run plans and warns once. */
+  accel: AccelPlan;
+  /** Warnings (the accelerator's fallback to TCG). */
+  log: (line: string) => void;
+}
+
+async function fileRecord(dir: string, file: string): Promise<SnapshotFile> {
+  const path = join(dir, file);
+  const info = await stat(path);
+  return { file, size: info.size, mtimeMs: info.mtimeMs, ino: info.ino, sha256: await sha256File(path) };
+}
+
+/** Boots the subject, waits until its agent answers, and saves a snapshot (replacing any previous one). */
+export async function captureSnapshot(subject: SnapshotSubject, options: CaptureOptions): Promise<SnapshotMeta> {
+  const { backend, signal } = options;
+  const progress = options.progress ?? silentProgress;
+  if (!backend.capabilities().snapshots) throw new MvmError(`the ${backend.name} backend cannot take snapshots`);
+  if (!backend.vmmVersion || !backend.vmmIdentity) throw new MvmError(`the ${backend.name} backend cannot tell its version, so its snapshots could not be checked`);
+  await removeSnapshotLeftovers(subject.dir);
+  const work = workName('snap-');
+  const snapDir = join(subject.dir, work);
+  await mkdir(snapDir);
+  const name = newVmName();
+  const runDir = await createVmDir(name);
+  let vm: RunningVm | undefined;
+  let published = false;
+  try {
+    progress(`${subject.label}: booting it to take a snapshot`);
+    if (subject.rootfs) {
+      // Relative backing path: the subject's directory may be renamed or moved as a whole.
+      const backing = relative(snapDir, subject.rootfs.path);
+      const res = await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', backing, join(snapDir, 'disk.qcow2')], { signal, timeoutMs: 60_000 });
+      if (res.code !== 0) throw new MvmError(`qemu-img create failed: ${lastLine(res.stderr)}`);
+    }
+    const record = ownVmRecord({ name, backend: backend.name, command: ['(snapshot)', subject.label], runDir });
+    await writeVmRecord(record);
+    const started = performance.now();
+    const booted = await bootVm(
+      backend,
+      {
+        name,
+        runDir,
+        kernel: subject.kernel.path,
+        initrd: subject.initrd.path,
+        kernelArgs: subject.kernelArgs,
+        cpus: subject.cpus,
+        memoryMiB: subject.memoryMiB,
+        drives: [],
+        ...(subject.rootfs ? { rootDrive: { path: join(snapDir, 'disk.qcow2'), format: 'qcow2' as const, copyOnWrite: false } } : {}),
+        memoryFile: { path: join(snapDir, 'ram'), shared: true },
+      },
+      {
+        accel: options.accel,
+        signal,
+        timeoutMs: options.bootTimeoutMs,
+        guest: `the guest of ${subject.label}`,
+        log: options.log,
+        onVmmStarted: (vmm) => recordVmm(record, vmm.vmmPid),
+      },
+    );
+    vm = booted.vm;
+    const bootSeconds = (performance.now() - started) / 1000;
+    const running = booted.vm;
+    if (!running.saveSnapshot) throw new MvmError(`the ${backend.name} backend cannot take snapshots`);
+    progress(`${subject.label}: agent ready after ${bootSeconds.toFixed(2)} s; saving the snapshot`);
+    await running.saveSnapshot.call(running, join(snapDir, 'state'), signal);
+    booted.session.close();
+
+    const [vmmVersion, identity] = await Promise.all([backend.vmmVersion(), backend.vmmIdentity()]);
+    progress(`${subject.label}: checksumming the snapshot`);
+    const meta: SnapshotMeta = {
+      format: SNAPSHOT_FORMAT,
+      subject: subject.label,
+      createdAt: new Date().toISOString(),
+      backend: backend.name,
+      accel: booted.accel,
+      kernelSha256: subject.kernel.sha256,
+      initrdSha256: subject.initrd.sha256,
+      ...(subject.rootfs ? { rootfsSha256: subject.rootfs.sha256 } : {}),
+      layoutVersion: subject.layoutVersion,
+      agentVersion: booted.session.agentVersion,
+      vmm: { version: vmmVersion, ...identity },
+      cpus: subject.cpus,
+      memoryMiB: subject.memoryMiB,
+      inputs: await Promise.all(
+        subjectInputs(subject).map(async (path) => {
+          const info = await stat(path);
+          return { file: relative(subject.dir, path), size: info.size, mtimeMs: info.mtimeMs };
+        }),
+      ),
+      files: {
+        ram: await fileRecord(snapDir, 'ram'),
+        state: await fileRecord(snapDir, 'state'),
+        ...(subject.rootfs ? { disk: await fileRecord(snapDir, 'disk.qcow2') } : {}),
+      },
+      bootSeconds,
+    };
+    await writeFile(join(snapDir, SNAPSHOT_META_FILE), JSON.stringify(meta, null, 2) + '\n');
+    signal.throwIfAborted();
+    const previous = await swapSymlink(join(subject.dir, SNAPSHOT_LINK), work);
+    published = true;
+    // Restores running from the previous snapshot keep its files open; unlinking them is safe.
+    if (previous && previous !== work && /^snap-[\w-]+$/.test(previous)) await rm(join(subject.dir, previous), { recursive: true, force: true });
+    return meta;
+  } finally {
+    await vm?.kill();
+    await removeVmDir(runDir);
+    if (!published) await rm(snapDir, { recursive: true, force: true });
+  }
+}
+
+/** Removes `snap-<pid>-…` directories and half-made links that no link points to and whose creating process is gone. */
+export async function removeSnapshotLeftovers(dir: string): Promise<void> {
+  const current = await readlink(join(dir, SNAPSHOT_LINK)).catch(() => undefined);
+  for (const entry of await readdir(dir).catch(() => [] as string[])) {
+    const owner = /^(?:snap-|.*\.new-)(\d+)-/.exec(entry);
+    if (!owner || entry === current || pidAlive(Number(owner[1]))) continue;
+    await rm(join(dir, entry), { recursive: true, force: true }).catch(() => {});
+  }
+}

@@ -1,0 +1,82 @@
+// End to end: the default image's snapshot. `image build` takes it, exec restores it by default,
+// every clone gets its own entropy and the host's clock, and a snapshot that no longer fits is
+// retaken or skipped, never trusted.
+import assert from 'node:assert/strict';
+import { mkdtempSync, readdirSync, readlinkSync, rmSync, truncateSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { ensureDefaultImage } from '../../src/image/index.js';
+import { assertNoVmLeft, isolatedEnv, mvmctl } from './helpers.js';
+
+const isolated = isolatedEnv();
+const cacheDir = mkdtempSync(join(tmpdir(), 'mvm-e2e-snap-cache-'));
+let env: NodeJS.ProcessEnv = {};
+let imageDir = '';
+
+after(() => {
+  isolated.cleanup();
+  rmSync(cacheDir, { recursive: true, force: true });
+});
+
+const restored = (stderr: string) => /\[timing\] restored from snapshot/.test(stderr);
+const snapshotTarget = () => readlinkSync(join(imageDir, 'snapshot'));
+
+describe('the default image snapshot', () => {
+  before(async () => {
+    // A private cache with the default kernel: only the initramfs and the snapshot are made here.
+    const image = await ensureDefaultImage({});
+    env = { ...isolated.env, MVM_CACHE_DIR: cacheDir, MVM_KERNEL: image.kernel };
+    const built = await mvmctl(['image', 'build'], env);
+    assert.equal(built.code, 0, built.stderr);
+    imageDir = /^directory:\s+(\S+)$/m.exec(built.stdout.toString())![1]!;
+    assert.match(built.stdout.toString(), /^snapshot:\s+taken .* under (TCG|KVM), 2 CPUs, 512 MiB/m);
+  });
+
+  test('exec restores it by default; --no-snapshot and other sizes boot cold, saying why with -v', async () => {
+    const warm = await mvmctl(['exec', '-v', '--', 'sh', '-c', 'echo hi; exit 3'], env);
+    assert.equal(warm.code, 3, warm.stderr);
+    assert.equal(warm.stdout.toString(), 'hi\n');
+    assert.ok(restored(warm.stderr), warm.stderr);
+    const cold = await mvmctl(['exec', '-v', '--no-snapshot', '--', 'true'], env);
+    assert.equal(cold.code, 0);
+    assert.ok(!restored(cold.stderr));
+    assert.match(cold.stderr, /snapshot not used: --no-snapshot/);
+    const small = await mvmctl(['exec', '-v', '--cpus', '1', '--', 'nproc'], env);
+    assert.equal(small.stdout.toString(), '1\n');
+    assert.match(small.stderr, /snapshot not used: it was taken with 2 CPUs and 512 MiB, this run asks for 1 and 512 MiB/);
+    await assertNoVmLeft(isolated.stateDir);
+  });
+
+  test('concurrent clones each get their own random bytes and the host clock', async () => {
+    const runs = await Promise.all(
+      [0, 1, 2, 3].map(() => mvmctl(['exec', '-v', '--', 'sh', '-c', 'head -c 16 /dev/urandom | od -An -tx1; date +%s'], env)),
+    );
+    for (const run of runs) assert.ok(restored(run.stderr), run.stderr);
+    const outputs = runs.map((run) => run.stdout.toString().trim().split('\n'));
+    assert.equal(new Set(outputs.map((lines) => lines[0])).size, 4, 'no two clones share random bytes');
+    for (const lines of outputs) assert.ok(Math.abs(Number(lines.at(-1)) - Date.now() / 1000) < 120, `guest clock ${lines.at(-1)} is the host's`);
+    await assertNoVmLeft(isolated.stateDir);
+  });
+
+  test('a damaged snapshot is never restored: exec takes a new one and runs the command', async () => {
+    const before = snapshotTarget();
+    truncateSync(join(imageDir, before, 'state'), 100);
+    const result = await mvmctl(['exec', '-v', '--', 'echo', 'still works'], env);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout.toString(), 'still works\n');
+    assert.ok(restored(result.stderr), 'restored from the new snapshot');
+    assert.notEqual(snapshotTarget(), before);
+    assert.deepEqual(readdirSync(imageDir).filter((entry) => entry.startsWith('snap-')), [snapshotTarget()], 'the old snapshot is gone');
+    await assertNoVmLeft(isolated.stateDir);
+  });
+
+  test('image build --force rebuilds the initramfs and retakes the snapshot', async () => {
+    const before = snapshotTarget();
+    const rebuilt = await mvmctl(['image', 'build', '--force'], env);
+    assert.equal(rebuilt.code, 0, rebuilt.stderr);
+    assert.notEqual(snapshotTarget(), before);
+    const result = await mvmctl(['exec', '-v', '--', 'true'], env);
+    assert.ok(restored(result.stderr), result.stderr);
+  });
+});

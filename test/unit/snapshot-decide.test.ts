@@ -1,0 +1,146 @@
+/** decideSnapshot: every reason a snapshot is not restored, against a snapshot laid out on disk by hand. */
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync, unlinkSync, renameSync, copyFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import type { AccelPlan } from '../../src/accel/index.js';
+import type { Backend } from '../../src/backends/types.js';
+import { decideSnapshot, type SnapshotMeta, type SnapshotRequest, type SnapshotSubject } from '../../src/snapshots/index.js';
+
+const scratch = mkdtempSync(join(tmpdir(), 'mvm-decide-'));
+after(() => rmSync(scratch, { recursive: true, force: true }));
+let counter = 0;
+
+const vmm = { binary: '/usr/bin/qemu', size: 100, mtimeMs: 1 };
+function backend(version = 'QEMU 7.2', identity = vmm): Backend {
+  return {
+    name: 'qemu',
+    capabilities: () => ({ accels: ['kvm', 'tcg'], snapshots: true, vsock: false }),
+    start: () => Promise.reject(new Error('not in this test')),
+    vmmVersion: async () => version,
+    vmmIdentity: async () => identity,
+  };
+}
+
+const tcg: AccelPlan = { choice: 'auto', accel: 'tcg' };
+const request: SnapshotRequest = { cpus: 2, memoryMiB: 512, addDirs: 0, noSnapshot: false, accel: tcg };
+
+/** A subject with kernel and initrd files and a valid snapshot of it. */
+function laidOut(): { subject: SnapshotSubject; snap: string; meta: SnapshotMeta } {
+  const dir = join(scratch, `s${counter++}`);
+  const snap = join(dir, 'snap-1-a');
+  mkdirSync(snap, { recursive: true });
+  for (const [file, content] of [['vmlinux', 'kernel'], ['initrd', 'initrd']]) writeFileSync(join(dir, file), content);
+  writeFileSync(join(snap, 'ram'), 'ram');
+  writeFileSync(join(snap, 'state'), 'state');
+  symlinkSync('snap-1-a', join(dir, 'snapshot'));
+  const subject: SnapshotSubject = {
+    label: 'template t',
+    retake: 'mvmctl template snapshot t',
+    dir,
+    kernel: { path: join(dir, 'vmlinux'), sha256: 'k1' },
+    initrd: { path: join(dir, 'initrd'), sha256: 'i1' },
+    kernelArgs: [],
+    cpus: 2,
+    memoryMiB: 512,
+    agentVersion: 'mvm-agent 0.1.0',
+    layoutVersion: 3,
+  };
+  const record = (path: string, file: string) => {
+    const st = statSync(path);
+    return { file, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, sha256: 'x' };
+  };
+  const meta: SnapshotMeta = {
+    format: 2,
+    subject: 'template t',
+    createdAt: 'then',
+    backend: 'qemu',
+    accel: 'tcg',
+    kernelSha256: 'k1',
+    initrdSha256: 'i1',
+    layoutVersion: 3,
+    agentVersion: 'mvm-agent 0.1.0',
+    vmm: { version: 'QEMU 7.2', ...vmm },
+    cpus: 2,
+    memoryMiB: 512,
+    inputs: ['vmlinux', 'initrd'].map((file) => ({ file, size: statSync(join(dir, file)).size, mtimeMs: statSync(join(dir, file)).mtimeMs })),
+    files: { ram: record(join(snap, 'ram'), 'ram'), state: record(join(snap, 'state'), 'state') },
+    bootSeconds: 1,
+  };
+  writeFileSync(join(snap, 'snapshot.json'), JSON.stringify(meta));
+  return { subject, snap, meta };
+}
+
+const warning = (why: string) => `template t: not using its snapshot (${why}); booting cold. Retake it with 'mvmctl template snapshot t'`;
+
+describe('decideSnapshot', () => {
+  test('a snapshot that fits gives a restore plan of its files', async () => {
+    const { subject, snap } = laidOut();
+    assert.deepEqual(await decideSnapshot(subject, backend(), request), { plan: { accel: 'tcg', memoryFile: join(snap, 'ram'), stateFile: join(snap, 'state') } });
+  });
+
+  test('what the request rules out is a note, not a warning', async () => {
+    const { subject } = laidOut();
+    const note = async (changes: Partial<SnapshotRequest>) => (await decideSnapshot(subject, backend(), { ...request, ...changes })).note;
+    assert.equal(await note({ noSnapshot: true }), 'snapshot not used: --no-snapshot');
+    assert.match((await note({ addDirs: 1 }))!, /--add-dir needs a cold boot/);
+    assert.match((await note({ memoryMiB: 1024 }))!, /taken with 2 CPUs and 512 MiB, this run asks for 2 and 1024 MiB/);
+    assert.match((await note({ cpus: 1 }))!, /this run asks for 1 and 512 MiB/);
+    assert.match((await note({ accel: { choice: 'auto', accel: 'tcg', probe: { bootId: 'b', vmm: 'v', kernelSha256: 'k' } } }))!, /KVM has not yet been proven/);
+  });
+
+  test('no snapshot at all is a note that says so', async () => {
+    const { subject } = laidOut();
+    unlinkSync(join(subject.dir, 'snapshot'));
+    assert.deepEqual(await decideSnapshot(subject, backend(), request), { note: 'template t has no snapshot: booting cold', missing: true });
+  });
+
+  for (const [why, change] of [
+    ['the kernel changed', (s: SnapshotSubject) => ({ ...s, kernel: { ...s.kernel, sha256: 'k2' } })],
+    ['the initramfs changed', (s: SnapshotSubject) => ({ ...s, initrd: { ...s.initrd, sha256: 'i2' } })],
+    ['the root file system changed', (s: SnapshotSubject) => ({ ...s, rootfs: { path: '/r', sha256: 'r' } })],
+    ['the image layout changed', (s: SnapshotSubject) => ({ ...s, layoutVersion: 4 })],
+    ['the agent changed (mvm-agent 0.1.0 → mvm-agent 0.2.0)', (s: SnapshotSubject) => ({ ...s, agentVersion: 'mvm-agent 0.2.0' })],
+  ] as const) {
+    test(`a stale snapshot is one warning: ${why}`, async () => {
+      const { subject } = laidOut();
+      assert.deepEqual(await decideSnapshot(change(subject), backend(), request), { warning: warning(why) });
+    });
+  }
+
+  test('a snapshot taken under the other accelerator is a warning', async () => {
+    const { subject } = laidOut();
+    assert.deepEqual(await decideSnapshot(subject, backend(), { ...request, accel: { choice: 'kvm', accel: 'kvm' } }), {
+      warning: warning('taken under TCG, this run uses KVM'),
+    });
+  });
+
+  test('modified, replaced or missing files, a changed VMM and unreadable metadata are warnings', async () => {
+    const touched = laidOut();
+    utimesSync(touched.subject.kernel.path, new Date(), new Date(2000, 1, 1));
+    assert.deepEqual(await decideSnapshot(touched.subject, backend(), request), { warning: warning('vmlinux was modified') });
+
+    const replaced = laidOut();
+    copyFileSync(join(replaced.snap, 'state'), join(replaced.snap, 'state.new'));
+    const st = statSync(join(replaced.snap, 'state'));
+    renameSync(join(replaced.snap, 'state.new'), join(replaced.snap, 'state'));
+    utimesSync(join(replaced.snap, 'state'), st.atime, st.mtime);
+    assert.deepEqual(await decideSnapshot(replaced.subject, backend(), request), { warning: warning('state was modified or replaced') });
+
+    const missing = laidOut();
+    unlinkSync(join(missing.snap, 'ram'));
+    assert.deepEqual(await decideSnapshot(missing.subject, backend(), request), { warning: warning('ram is missing') });
+
+    const vmmChanged = laidOut();
+    assert.deepEqual(await decideSnapshot(vmmChanged.subject, backend('QEMU 8.0', { ...vmm, size: 200 }), request), {
+      warning: warning('the VMM changed: taken with QEMU 7.2, now QEMU 8.0'),
+    });
+    // Another binary that reports the same version is the same VMM build.
+    assert.ok((await decideSnapshot(vmmChanged.subject, backend('QEMU 7.2', { ...vmm, size: 200 }), request)).plan);
+
+    const unreadable = laidOut();
+    writeFileSync(join(unreadable.snap, 'snapshot.json'), '{');
+    assert.match((await decideSnapshot(unreadable.subject, backend(), request)).warning!, /its metadata is unreadable/);
+  });
+});
