@@ -1,19 +1,35 @@
 import { randomBytes } from 'node:crypto';
-import { readlink, rename, rm, symlink, writeFile } from 'node:fs/promises';
+import { open, readlink, rename, rm, symlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 
 /**
  * Writes a file so that readers see the old content or the new one, never a part: the data goes to
- * a new hidden file beside it (created exclusively), then rename(2) puts it in place.
+ * a new hidden file beside it (created exclusively), then rename(2) puts it in place. With
+ * `durable`, the data is fsynced before the rename and the directory after it, so the new content
+ * is on disk when the promise resolves: for records that later steps rely on surviving a crash.
  */
-export async function writeFileAtomic(path: string, data: string | Buffer, mode = 0o644): Promise<void> {
+export async function writeFileAtomic(path: string, data: string | Buffer, mode = 0o644, options: { durable?: boolean } = {}): Promise<void> {
   const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
   try {
-    await writeFile(tmp, data, { flag: 'wx', mode });
+    const file = await open(tmp, 'wx', mode);
+    try {
+      await file.writeFile(data);
+      if (options.durable) await file.sync();
+    } finally {
+      await file.close();
+    }
     await rename(tmp, path);
   } catch (error) {
     await rm(tmp, { force: true });
     throw error;
+  }
+  if (options.durable) {
+    const dir = await open(dirname(path), 'r');
+    try {
+      await dir.sync();
+    } finally {
+      await dir.close();
+    }
   }
 }
 

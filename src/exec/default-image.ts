@@ -8,7 +8,7 @@ import type { Backend } from '../backends/types.js';
 import { ensureDefaultImage, type GuestImage } from '../image/index.js';
 import { withLock } from '../image/lock.js';
 import type { Progress } from '../progress.js';
-import { captureSnapshot, decideSnapshot, type SnapshotRequest, type SnapshotSubject } from '../snapshots/index.js';
+import { captureSnapshot, decideSnapshot, SnapshotBootError, type SnapshotRequest, type SnapshotSubject } from '../snapshots/index.js';
 import { join } from 'node:path';
 import type { BootImage, SnapshotChoice } from './run.js';
 
@@ -60,6 +60,8 @@ export async function ensureDefaultSnapshot(image: GuestImage, accel: AccelPlan,
     );
   } catch (error) {
     if (options.signal.aborted) throw error;
+    // The guest cannot boot at all: the cold boot would fail the same way, so say it once.
+    if (error instanceof SnapshotBootError) throw error.original;
     return { warning: `the default image: taking its snapshot failed (${(error as Error).message.split('\n')[0]}); booting cold` };
   }
   return decideSnapshot(subject, options.backend, request);

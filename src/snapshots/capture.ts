@@ -12,6 +12,14 @@ import { lastLine, runTool } from '../run-tool.js';
 import { createVmDir, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord } from '../state/registry.js';
 import { SNAPSHOT_FORMAT, SNAPSHOT_LINK, SNAPSHOT_META_FILE, subjectInputs, type SnapshotFile, type SnapshotMeta, type SnapshotSubject } from './subject.js';
 
+/** The guest did not boot to its agent: nothing snapshot-specific went wrong, and a cold boot would fail alike. */
+export class SnapshotBootError extends MvmError {
+  constructor(readonly original: unknown) {
+    const error = original instanceof MvmError ? original : undefined;
+    super(error?.message ?? String(original), error?.exitCode, error?.details);
+  }
+}
+
 export interface CaptureOptions {
   backend: Backend;
   progress?: Progress;
@@ -76,7 +84,9 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
         log: options.log,
         onVmmStarted: (vmm) => recordVmm(record, vmm.vmmPid),
       },
-    );
+    ).catch((error: unknown) => {
+      throw signal.aborted ? error : new SnapshotBootError(error);
+    });
     vm = booted.vm;
     const bootSeconds = (performance.now() - started) / 1000;
     const running = booted.vm;

@@ -47,7 +47,9 @@ function verdicts(): Array<{ usable: boolean; reason?: string }> {
 
 const count = (text: string, pattern: RegExp) => text.split('\n').filter((line) => pattern.test(line)).length;
 const vmmStarts = (stderr: string) => count(stderr, /\[timing\] VMM started/);
-const warnings = (stderr: string) => stderr.split('\n').filter((line) => line.startsWith('mvmctl: ') && !line.startsWith('mvmctl: ['));
+/** Warning lines: not the -v timings, console lines and notes. */
+const warnings = (stderr: string) =>
+  stderr.split('\n').filter((line) => line.startsWith('mvmctl: ') && !line.startsWith('mvmctl: [') && !line.startsWith('mvmctl: snapshot not used'));
 
 const brokenKvmSkip =
   host.device === 'absent'
