@@ -5,7 +5,8 @@ import { join } from 'node:path';
 import { MvmError } from '../errors.js';
 import { parseAddDirSpec } from './spec.js';
 import { discardStaged, stageAddDir } from './stage.js';
-import { removeTree, syncBack } from './syncback.js';
+import { removeTree } from './host-ops.js';
+import { syncBack } from './syncback.js';
 import { lastLine, runTool } from '../run-tool.js';
 
 export interface RoundTripBench {

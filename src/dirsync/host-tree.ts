@@ -48,18 +48,25 @@ function lstatOrUndefined(path: Buffer): BigIntStats | undefined {
 }
 
 /**
- * lstat of `root/rel` that never looks through a symlink on the way there: every parent of `rel`
- * under `root` must be a real directory, checked with lstat one component at a time; otherwise the
- * answer is undefined, as for a path that does not exist. `realDirs` remembers the parents already
- * checked (by relKey), so a walk over many entries lstats each directory once.
+ * Whether every parent of `rel` under `root` is a real directory, checked with lstat one component
+ * at a time, so nothing reached through `rel` is reached through a symlink. `realDirs` remembers the
+ * parents already checked (by relKey), so a walk over many entries lstats each directory once.
  */
-export function lstatBeneath(root: string, rel: Buffer, realDirs: Set<string>): BigIntStats | undefined {
+export function parentsAreRealDirs(root: string, rel: Buffer, realDirs: Set<string>): boolean {
   for (let cut = rel.indexOf(SLASH_BYTE); cut >= 0; cut = rel.indexOf(SLASH_BYTE, cut + 1)) {
     const parent = rel.subarray(0, cut);
     const key = relKey(parent);
     if (realDirs.has(key)) continue;
-    if (!lstatOrUndefined(joinRel(root, parent))?.isDirectory()) return undefined;
+    if (!lstatOrUndefined(joinRel(root, parent))?.isDirectory()) return false;
     realDirs.add(key);
   }
-  return lstatOrUndefined(joinRel(root, rel));
+  return true;
+}
+
+/**
+ * lstat of `root/rel` that never looks through a symlink on the way there (parentsAreRealDirs);
+ * otherwise the answer is undefined, as for a path that does not exist.
+ */
+export function lstatBeneath(root: string, rel: Buffer, realDirs: Set<string>): BigIntStats | undefined {
+  return parentsAreRealDirs(root, rel, realDirs) ? lstatOrUndefined(joinRel(root, rel)) : undefined;
 }

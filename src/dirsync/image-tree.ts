@@ -19,7 +19,7 @@ export interface ScanLimits {
    * distinct regular files (their holes are never written).
    */
   maxBytes: bigint;
-  /** Bound on the apparent sizes of distinct regular files: rsync reads holes as zeros, so this bounds its time. */
+  /** Bound on the apparent sizes of distinct regular files: whatever later reads HOST reads holes as zeros. */
   maxApparentBytes: bigint;
   /** Bound on a relative path in bytes, so every host path stays under PATH_MAX. */
   maxPathBytes: number;

@@ -1,7 +1,8 @@
 import { readFileSync } from 'node:fs';
 import { S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, type Inode } from './ext4.js';
-import { lstatBeneath } from './host-tree.js';
+import { lstatBeneath, relKey } from './host-tree.js';
 import type { ImageEntry } from './image-tree.js';
+import { isReservedName } from './journal.js';
 
 export interface PlannedEntry extends ImageEntry {
   /** Permission bits the entry gets on HOST (directories and regular files; symlinks have none). */
@@ -11,11 +12,11 @@ export interface PlannedEntry extends ImageEntry {
 export interface Plan {
   /** Entries to materialize in the staging tree, parents first. */
   keep: PlannedEntry[];
-  /** Paths rsync must leave alone on the host (relative, raw bytes). */
+  /** Paths where HOST keeps whatever it has (relative, raw bytes). */
   protect: Buffer[];
   /** Distinct regular-file inodes to extract, with the mode they will get. */
   files: Map<number, { inode: Inode; mode: number; paths: number }>;
-  /** Sum of the apparent sizes of those files: what rsync reads, holes included. */
+  /** Sum of the apparent sizes of those files, holes included. */
   apparentBytes: number;
 }
 
@@ -72,7 +73,9 @@ function hostMode(host: string, entry: ImageEntry, type: number, wanted: number,
  * warning, except a file that HOST already has with the same bits, size and mtime, which is left
  * alone: the guest cannot make a privileged file this way, and an untouched one survives. HOST is
  * only ever looked at through real directories (lstatBeneath): a symlink in HOST says nothing about
- * what is in the guest's tree.
+ * what is in the guest's tree. Top-level `.mvm-sync-*` entries are skipped with all they hold: those
+ * names are sync-back's own in HOST (journal.ts). The warning says so unless HOST has the name too
+ * (then the image only has HOST's copy of it).
  */
 export function planTree(entries: readonly ImageEntry[], host: string, warn: (line: string) => void): Plan {
   const plan: Plan = { keep: [], protect: [], files: new Map(), apparentBytes: 0 };
@@ -80,6 +83,11 @@ export function planTree(entries: readonly ImageEntry[], host: string, warn: (li
   const shown = (rel: Buffer) => JSON.stringify(rel.toString('utf8'));
   for (const entry of entries) {
     const { rel, inode } = entry;
+    const cut = rel.indexOf(0x2f);
+    if (isReservedName(cut < 0 ? rel : rel.subarray(0, cut))) {
+      if (cut < 0 && !lstatBeneath(host, rel, realDirs)) warn(`${shown(rel)}: name reserved for sync-back's work directory, not copied to the host`);
+      continue;
+    }
     const type = inode.mode & S_IFMT;
     if (type === S_IFDIR) {
       // setgid on a directory would hand its group to everything created in it later: dropped silently.
@@ -121,4 +129,20 @@ export function planTree(entries: readonly ImageEntry[], host: string, warn: (li
     }
   }
   return plan;
+}
+
+/** The kept entries below the root by their parent's relKey, in plan order. */
+export function childrenByParent(plan: Plan): Map<string, PlannedEntry[]> {
+  const children = new Map<string, PlannedEntry[]>();
+  for (const entry of plan.keep.slice(1)) {
+    const parent = relKey(parentOf(entry.rel));
+    if (!children.has(parent)) children.set(parent, []);
+    children.get(parent)!.push(entry);
+  }
+  return children;
+}
+
+export function parentOf(rel: Buffer): Buffer {
+  const cut = rel.lastIndexOf(0x2f);
+  return cut < 0 ? Buffer.alloc(0) : rel.subarray(0, cut);
 }

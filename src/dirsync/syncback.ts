@@ -1,28 +1,30 @@
 import type { BigIntStats } from 'node:fs';
-import { chmodSync, lstatSync, readdirSync, unlinkSync } from 'node:fs';
-import { chmod, lstat, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { lstatSync } from 'node:fs';
+import { mkdir, mkdtemp } from 'node:fs/promises';
 import { MvmError } from '../errors.js';
 import { silentProgress, type Progress } from '../progress.js';
+import { applySteps, finishCommitted, planSteps, rollBack, setRootAttrs, type ApplyHook } from './apply.js';
 import { toolDeadlineMs } from './deadline.js';
-import { Ext4FormatError, S_IFDIR, S_IFMT, S_IFREG, uncleanReason } from './ext4.js';
-import { joinRel, lstatBeneath } from './host-tree.js';
+import { Ext4FormatError, Ext4Image, uncleanReason } from './ext4.js';
+import { HostChangedError, removeTree } from './host-ops.js';
 import { scanImage, UntrustedImageError, type ImageEntry, type ScanLimits } from './image-tree.js';
+import { newJournal, removeJournal, writeJournal, type Journal } from './journal.js';
 import { showSpec } from './spec.js';
 import type { StagedDir } from './stage.js';
-import { buildStagingTree, OWNER_READ, OWNER_READ_SEARCH } from './staging-tree.js';
+import { buildReplacements, type StagingResult } from './staging-tree.js';
 import { planTree, type Plan } from './sync-plan.js';
+import { diffTree, HostLayoutError, type TreeChanges } from './tree-diff.js';
 import { lastLine, runTool } from '../run-tool.js';
 
 export interface SyncReport {
   /** Entries found in the guest's final tree. */
   entries: number;
-  /** Regular files rsync had to write (new or changed). */
+  /** Regular files written into HOST (new or changed), each hard link counted. */
   filesWritten: number;
-  /** Files, links and directories removed from HOST because the guest removed them. */
+  /** Entries removed from HOST because the guest removed them; a directory counts once, with all it held. */
   deleted: number;
   bytesWritten: number;
-  /** One line per entry the host refused (device nodes, FIFOs, sockets, setuid/setgid bits). */
+  /** One line per entry the host refused (device nodes, FIFOs, sockets, setuid/setgid bits, reserved names). */
   warnings: string[];
   durationMs: number;
 }
@@ -34,35 +36,41 @@ export interface SyncOptions {
   signal?: AbortSignal;
   limits?: Partial<ScanLimits>;
   /**
-   * Test hook: runs after the staging tree is complete, before anything in HOST changes, with the
-   * rsync child's pid once it runs. Lets tests inject a failure part-way.
+   * Test hook: runs before apply step `index` of `steps` changes HOST, and with index === steps
+   * once the journal is committed. Throwing there fails the sync as a failing step would (after
+   * the commit: as a failed cleanup); killing the process there leaves the journal to
+   * recoverInterruptedSyncs.
    */
-  onRsyncStart?: (pid: number) => void;
+  onApplyStep?: ApplyHook;
 }
 
 const MiB = 1024 ** 2;
 const GiB = 1024 ** 3;
-/** A sparse VM disk of a few hundred GB fits; rsync reads holes as zeros, so a hostile image costs minutes, not hours. */
+/** A sparse VM disk of a few hundred GB fits; beyond that, every later reader of HOST would read hours of holes. */
 const MAX_APPARENT_BYTES = 256n * BigInt(GiB);
 const LARGE_ENTRIES = 2000;
 const LARGE_BYTES = 64 * MiB;
 const PATH_MAX = 4096;
-/** rsync writes `.NAME.XXXXXX` beside each file; its own bookkeeping needs some path room too. */
-const RSYNC_PATH_MARGIN = 64;
+/** Guest entries wait as HOST/.mvm-sync-<id>/new/<n>/…: that prefix stands in for at least one byte of their path. */
+const WORK_PATH_MARGIN = 64;
+
+type Discard = (why: string) => MvmError;
 
 /**
- * Brings the guest's final tree in a rw image back over HOST with `rsync -aH --delete` semantics.
- * Call it only after the VM has stopped; it re-checks that the image was unmounted cleanly and
- * throws an MvmError (HOST untouched) when it was not, or when the image is not trustworthy.
+ * Brings the guest's final tree in a rw image back over HOST with `rsync -aH --delete` semantics,
+ * all or nothing. Call it only after the VM has stopped; it re-checks that the image was unmounted
+ * cleanly and throws an MvmError (HOST untouched) when it was not, or when the image is not
+ * trustworthy.
  *
- * The image is treated as hostile. It is checked with `e2fsck -fn`, walked by inode number with
- * a bounds-checked parser, and extracted by inode number into a private staging tree that holds
- * only directories, regular files and symlinks with no setuid/setgid bits and modes within the
- * user's umask, owned by the caller. Only then does rsync merge it into HOST, copying symlinks as
- * symlinks (no -L/-K: a host directory symlink is replaced, never written through), with no -o/-g,
- * no devices or specials, and its usual write-aside-then-rename so no half-written file is ever
- * visible in HOST. HOST itself must still be the directory that was staged (same device and inode,
- * not a symlink), checked before anything is read from it and again just before rsync writes.
+ * The image is treated as hostile. It is checked with `e2fsck -fn`, walked by inode number with a
+ * bounds-checked parser and compared with HOST (tree-diff.ts). Only the paths that differ are built,
+ * extracted by inode number, in a work dir inside HOST (so on its file system): directories, regular
+ * files and symlinks only, no setuid/setgid bits, modes within the user's umask, owned by the caller.
+ * Then a journal lists every rename and chmod that turns HOST into the guest's tree; it is on disk
+ * before the first of them, and any failure undoes the done ones, so HOST ends as it was or fully
+ * synced, never a mix (apply.ts; a killed process's journal is finished by recoverInterruptedSyncs).
+ * HOST itself must still be the directory that was staged (same device and inode, not a symlink),
+ * checked before anything is read from it and again just before the apply.
  */
 export async function syncBack(staged: StagedDir, options: SyncOptions = {}): Promise<SyncReport> {
   const started = Date.now();
@@ -73,16 +81,13 @@ export async function syncBack(staged: StagedDir, options: SyncOptions = {}): Pr
     options.warn?.(line);
   };
   const host = staged.spec.hostPath;
-  const discard = (why: string) => new MvmError(`--add-dir '${showSpec(staged.spec.spec)}': guest changes discarded, ${host} left as it was: ${why}`);
-  const checkHostIsStaged = () => {
-    const replaced = hostReplaced(staged);
-    if (replaced) throw discard(`${host} is no longer the directory that was staged (${replaced})`);
-  };
+  const discard: Discard = (why) => new MvmError(`--add-dir '${showSpec(staged.spec.spec)}': guest changes discarded, ${host} left as it was: ${why}`);
 
-  checkHostIsStaged();
+  stagedHostStat(staged, discard);
   const unclean = await uncleanReason(staged.imagePath);
   if (unclean) throw discard(unclean);
-  const imageSize = (await stat(staged.imagePath)).size;
+  // As staged: a restore extends the file to its drive slot, but the file system inside stays this size.
+  const imageSize = staged.imageBytes;
   const fsck = await runTool('e2fsck', ['-fn', staged.imagePath], { signal: options.signal, timeoutMs: toolDeadlineMs(imageSize) });
   if (fsck.code !== 0) throw discard(`e2fsck found the filesystem damaged (${lastLine(fsck.stdout + fsck.stderr)})`);
 
@@ -92,192 +97,146 @@ export async function syncBack(staged: StagedDir, options: SyncOptions = {}): Pr
     // per file, hence the margin over the image's own size.
     maxBytes: BigInt(Math.max(4 * imageSize, GiB)),
     maxApparentBytes: MAX_APPARENT_BYTES,
-    maxPathBytes: PATH_MAX - Buffer.byteLength(host) - RSYNC_PATH_MARGIN,
+    maxPathBytes: PATH_MAX - Buffer.byteLength(host) - WORK_PATH_MARGIN,
     ...options.limits,
   };
+  const { entries, plan, changes } = await compare(staged, limits, warn, discard, options.signal);
+  const large = entries.length > LARGE_ENTRIES || plan.apparentBytes > LARGE_BYTES;
+  if (large) progress(`reading back ${staged.spec.guestPath}: ${entries.length} entries, ${(plan.apparentBytes / MiB).toFixed(0)} MB`);
 
-  const work = await mkdtemp(`${staged.imagePath}.sync-`);
-  try {
-    let entries: ImageEntry[];
-    try {
-      entries = (await scanImage(staged.imagePath, work, limits, options.signal)).entries;
-    } catch (err) {
-      if (err instanceof UntrustedImageError) throw discard(`untrusted filesystem: ${err.message}`);
-      throw err;
-    }
-    const plan = planTree(entries, host, warn);
-    const large = entries.length > LARGE_ENTRIES || plan.apparentBytes > LARGE_BYTES;
-    if (large) progress(`reading back ${staged.spec.guestPath}: ${entries.length} entries, ${(plan.apparentBytes / MiB).toFixed(0)} MB`);
-
-    try {
-      await buildStagingTree(staged.imagePath, host, work, plan, options.signal);
-    } catch (err) {
-      if (err instanceof Ext4FormatError) throw discard(`untrusted filesystem: ${err.message}`);
-      throw err;
-    }
-    await writeFile(
-      join(work, 'protect.rules'),
-      Buffer.concat(plan.protect.flatMap((rel) => [Buffer.from('P /'), rsyncLiteral(rel), Buffer.from([0])])),
-    );
-
-    if (large) progress(`syncing ${staged.spec.guestPath} into ${host}`);
-    // Extracting a large image takes a while; HOST must still be the staged directory when rsync writes.
-    checkHostIsStaged();
-    const before = listFileDirs(host, plan);
-    const rsyncDeadlineMs = toolDeadlineMs(imageSize + plan.apparentBytes);
-    const res = await runRsync(work, host, rsyncDeadlineMs, options).catch((err: unknown) => {
-      removeRsyncLeftovers(host, plan, before);
-      throw err;
+  let written: Pick<SyncReport, 'filesWritten' | 'bytesWritten'> = { filesWritten: 0, bytesWritten: 0 };
+  if (changes.replacements.length === 0 && changes.dirFixes.length === 0) {
+    // Only HOST's own mode or mtime can differ: nothing to stage, and no mix possible.
+    await setRootAttrs(host, staged.hostIdentity.ino, changes.root.mode, changes.root.mtimeNs).catch((err: Error) => {
+      throw err instanceof HostChangedError ? discard(err.message) : err;
     });
-    if (res.code !== 0) {
-      removeRsyncLeftovers(host, plan, before);
-      throw new MvmError(
-        `--add-dir '${showSpec(staged.spec.spec)}': syncing back into ${host} failed part-way (files already synced stay, none is half-written): ${lastLine(res.stderr)}`,
-      );
-    }
-    restoreModes(host, plan);
-    const stats = parseStats(res.stdout);
-    if (large) progress(`synced ${staged.spec.guestPath} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
-    return { entries: entries.length, ...stats, warnings, durationMs: Date.now() - started };
-  } finally {
-    await removeTree(work);
+  } else {
+    if (large) progress(`syncing ${staged.spec.guestPath} into ${host}`);
+    written = await applyChanges(staged, plan, changes, options, warn, discard);
   }
+  if (large) progress(`synced ${staged.spec.guestPath} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+  const deleted = changes.replacements.filter((r) => r.old && !r.entry).length;
+  return { entries: entries.length, ...written, deleted, warnings, durationMs: Date.now() - started };
 }
 
-/** Why HOST is not the directory that was staged any more, or undefined when it is. */
-function hostReplaced(staged: StagedDir): string | undefined {
+/** HOST's lstat, provided it is still the directory that was staged. */
+function stagedHostStat(staged: StagedDir, discard: Discard): BigIntStats {
+  const host = staged.spec.hostPath;
+  const replaced = (why: string) => discard(`${host} is no longer the directory that was staged (${why})`);
   let st: BigIntStats;
   try {
-    st = lstatSync(staged.spec.hostPath, { bigint: true });
+    st = lstatSync(host, { bigint: true });
   } catch (err) {
-    return `cannot lstat it: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`;
+    throw replaced(`cannot lstat it: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
-  if (st.isSymbolicLink()) return 'it is a symlink now';
-  if (!st.isDirectory()) return 'it is not a directory now';
+  if (st.isSymbolicLink()) throw replaced('it is a symlink now');
+  if (!st.isDirectory()) throw replaced('it is not a directory now');
   const { dev, ino } = staged.hostIdentity;
-  return st.dev === dev && st.ino === ino ? undefined : 'another directory has replaced it';
+  if (st.dev !== dev || st.ino !== ino) throw replaced('another directory has replaced it');
+  return st;
 }
 
-function runRsync(work: string, host: string, timeoutMs: number, options: SyncOptions) {
-  return runTool(
-    'rsync',
-    [
-      '-rlptH', '--sparse', '--delete', '--no-specials', '--no-devices', '--stats',
-      '--from0', '--filter=. protect.rules',
-      'tree/', `${host}/`,
-    ],
-    { cwd: work, signal: options.signal, onStart: options.onRsyncStart, timeoutMs },
-  );
-}
-
-const SLASH = 0x2f;
-/** rsync's temp name for NAME is `.NAME.` plus six random characters (NAME shortened if too long). */
-const RSYNC_TEMP = /^\..*\.[A-Za-z0-9]{6}$/s;
-
-/**
- * Names present now in every directory that will receive a regular file, keyed by the directory's
- * relative path, so a failed sync can tell rsync's temp files from the user's own files. Like
- * everything after rsync, this looks at HOST only through real directories: a symlink in HOST
- * leads somewhere else, and rsync replaces it with the guest's directory.
- */
-function listFileDirs(host: string, plan: Plan): Map<string, Set<string>> {
-  const listing = new Map<string, Set<string>>();
-  const realDirs = new Set<string>();
-  for (const { rel, inode } of plan.keep) {
-    if ((inode.mode & S_IFMT) !== S_IFREG) continue;
-    const cut = rel.lastIndexOf(SLASH);
-    const dir = cut < 0 ? Buffer.alloc(0) : rel.subarray(0, cut);
-    const key = dir.toString('latin1');
-    if (listing.has(key)) continue;
-    // Not a real directory yet: rsync will create it, so everything in it afterwards came from this sync.
-    const names = lstatBeneath(host, dir, realDirs)?.isDirectory() ? namesIn(joinRel(host, dir)) : [];
-    listing.set(key, new Set(names.map((n) => n.toString('latin1'))));
-  }
-  return listing;
-}
-
-function namesIn(dir: Buffer): Buffer[] {
+/** Scans the image (scratch space beside it, not in HOST), plans what may reach HOST and compares that with HOST. */
+async function compare(
+  staged: StagedDir,
+  limits: ScanLimits,
+  warn: (line: string) => void,
+  discard: Discard,
+  signal?: AbortSignal,
+): Promise<{ entries: ImageEntry[]; plan: Plan; changes: TreeChanges }> {
+  const host = staged.spec.hostPath;
+  const scratch = await mkdtemp(`${staged.imagePath}.sync-`);
+  let entries: ImageEntry[];
   try {
-    return readdirSync(dir, { encoding: 'buffer' });
-  } catch {
-    return []; // unreadable or gone: nothing of ours can be in it
+    entries = (await scanImage(staged.imagePath, scratch, limits, signal)).entries;
+  } catch (err) {
+    if (err instanceof UntrustedImageError) throw discard(`untrusted filesystem: ${err.message}`);
+    throw err;
+  } finally {
+    await removeTree(scratch);
+  }
+  const plan = planTree(entries, host, warn);
+  const img = Ext4Image.open(staged.imagePath);
+  try {
+    return { entries, plan, changes: diffTree(img, host, stagedHostStat(staged, discard), plan) };
+  } catch (err) {
+    if (err instanceof Ext4FormatError) throw discard(`untrusted filesystem: ${err.message}`);
+    if (err instanceof HostLayoutError) throw discard(err.message);
+    const { code, path } = err as NodeJS.ErrnoException;
+    if (code && path) throw discard(`cannot read ${path}: ${code}`);
+    throw err;
+  } finally {
+    img.close();
   }
 }
 
 /**
- * rsync removes its temp file when it fails or gets SIGTERM, but not when it is SIGKILLed. Such a
- * leftover is a half-written file in HOST, so after any failure, new temp-named regular files that
- * are not part of the guest's tree are removed.
+ * Builds the changed entries in HOST/.mvm-sync-<id>/ and applies them with the journal. The journal
+ * exists before the work dir does, so a kill at any point leaves nothing that recovery cannot find.
  */
-function removeRsyncLeftovers(host: string, plan: Plan, before: Map<string, Set<string>>): void {
-  const wanted = new Set(plan.keep.map((e) => e.rel.toString('latin1')));
-  const realDirs = new Set<string>();
-  for (const [dirKey, existed] of before) {
-    const dir = Buffer.from(dirKey, 'latin1');
-    if (!lstatBeneath(host, dir, realDirs)?.isDirectory()) continue;
-    for (const name of namesIn(joinRel(host, dir))) {
-      const key = name.toString('latin1');
-      const rel = dir.length === 0 ? name : Buffer.concat([dir, Buffer.from('/'), name]);
-      if (existed.has(key) || wanted.has(rel.toString('latin1')) || !RSYNC_TEMP.test(key)) continue;
-      const path = joinRel(host, rel);
-      try {
-        if (lstatSync(path).isFile()) unlinkSync(path);
-      } catch {
-        // gone already
-      }
+async function applyChanges(
+  staged: StagedDir,
+  plan: Plan,
+  changes: TreeChanges,
+  options: SyncOptions,
+  warn: (line: string) => void,
+  discard: Discard,
+): Promise<Pick<SyncReport, 'filesWritten' | 'bytesWritten'>> {
+  const host = staged.spec.hostPath;
+  const journal = newJournal(host, changes.root.old);
+  try {
+    await writeJournal(journal);
+  } catch (err) {
+    throw discard(`cannot write the sync-back journal: ${(err as Error).message}`);
+  }
+  let staging: StagingResult;
+  try {
+    await mkdir(journal.work, { mode: 0o700 });
+    staging = await buildReplacements(staged.imagePath, journal.work, plan, changes, options.signal);
+    Object.assign(journal, planSteps(changes, staging));
+    journal.state = 'applying';
+    // Extracting a large image takes a while; HOST must still be the staged directory when the renames start.
+    stagedHostStat(staged, discard);
+    options.signal?.throwIfAborted();
+    await writeJournal(journal);
+  } catch (err) {
+    await rollBackOrExplain(staged, journal, err);
+    if (err instanceof MvmError || options.signal?.aborted) throw err;
+    const message = (err as Error).message;
+    throw discard(err instanceof Ext4FormatError ? `untrusted filesystem: ${message}` : `preparing the changes in ${journal.work} failed: ${message}`);
+  }
+
+  try {
+    applySteps(journal, options.onApplyStep);
+    journal.state = 'committed';
+    await writeJournal(journal);
+  } catch (err) {
+    await rollBackOrExplain(staged, journal, err);
+    throw discard(`syncing back failed part-way (${(err as Error).message}), and what had changed was rolled back`);
+  }
+  try {
+    options.onApplyStep?.(journal.steps.length, journal.steps.length);
+    await finishCommitted(journal);
+    await removeJournal(journal);
+  } catch (err) {
+    warn(`${host} has the guest's changes, but cleaning up after them failed (${(err as Error).message}); the next mvmctl exec finishes it`);
+  }
+  return { filesWritten: staging.filesWritten, bytesWritten: staging.bytesWritten };
+}
+
+async function rollBackOrExplain(staged: StagedDir, journal: Journal, cause: unknown): Promise<void> {
+  try {
+    // A commit mark that failed may still have reached the disk: a crash during the rollback must
+    // not leave a journal that tells recovery to complete a half-undone apply.
+    if (journal.state === 'committed') {
+      journal.state = 'applying';
+      await writeJournal(journal);
     }
-  }
-}
-
-function restoreModes(host: string, plan: Plan): void {
-  const realDirs = new Set<string>();
-  for (const { rel, inode, mode } of plan.keep) {
-    const type = inode.mode & S_IFMT;
-    if (type !== S_IFDIR && type !== S_IFREG) continue;
-    const needed = type === S_IFDIR ? OWNER_READ_SEARCH : OWNER_READ;
-    if ((mode & needed) === needed) continue;
-    const st = lstatBeneath(host, rel, realDirs);
-    // rsync made this entry moments ago; anything else there now is not ours to chmod.
-    if (st && (type === S_IFDIR ? st.isDirectory() : st.isFile())) chmodSync(joinRel(host, rel), mode);
-  }
-}
-
-/** An rsync filter pattern matching exactly `rel`: wildcards only act when present, so only then escape. */
-function rsyncLiteral(rel: Buffer): Buffer {
-  const special = (b: number) => b === 0x2a || b === 0x3f || b === 0x5b; // * ? [
-  if (!rel.some(special)) return rel;
-  const out: number[] = [];
-  for (const b of rel) {
-    if (special(b) || b === 0x5c) out.push(0x5c);
-    out.push(b);
-  }
-  return Buffer.from(out);
-}
-
-function parseStats(stdout: string): Pick<SyncReport, 'filesWritten' | 'deleted' | 'bytesWritten'> {
-  const num = (label: RegExp) => Number((stdout.match(label)?.[1] ?? '0').replace(/,/g, ''));
-  return {
-    filesWritten: num(/Number of regular files transferred: ([\d,]+)/),
-    deleted: num(/Number of deleted files: ([\d,]+)/),
-    bytesWritten: num(/Total transferred file size: ([\d,]+)/),
-  };
-}
-
-/** rm -rf that also works for a non-root caller when the guest left directories without write permission. */
-export async function removeTree(path: string): Promise<void> {
-  try {
-    await rm(path, { recursive: true, force: true });
-  } catch {
-    await makeWritable(path);
-    await rm(path, { recursive: true, force: true });
-  }
-}
-
-async function makeWritable(dir: Buffer | string): Promise<void> {
-  await chmod(dir, 0o700).catch(() => {});
-  const names = await readdir(dir, { encoding: 'buffer' }).catch(() => []);
-  for (const name of names) {
-    const path = Buffer.concat([Buffer.from(dir), Buffer.from('/'), name]);
-    if ((await lstat(path)).isDirectory()) await makeWritable(path);
+    await rollBack(journal);
+    await removeJournal(journal);
+  } catch (err) {
+    throw new MvmError(
+      `--add-dir '${showSpec(staged.spec.spec)}': syncing back into ${journal.host} failed part-way (${(cause as Error).message}) and rolling back failed too (${(err as Error).message}); what was moved aside is in ${journal.work}, and the next mvmctl exec retries the roll-back`,
+    );
   }
 }

@@ -24,7 +24,7 @@ export function treeManifest(root: string, options: { mtime?: 'ns' | 'ms' } = {}
     } else if (st.isSymbolicLink()) {
       detail = `-> ${JSON.stringify(readlinkSync(joinRel(root, rel), { encoding: 'buffer' }).toString('latin1'))}`;
     }
-    // The root's own mtime is part of the tree: rsync -a sets it too.
+    // The root's own mtime is part of the tree: sync-back sets it too.
     lines.push(`${path} ${type} ${(st.mode & 0o7777n).toString(8)} ${st.uid}:${st.gid} ${mtime} ${detail}`.trimEnd());
   }
   return lines;

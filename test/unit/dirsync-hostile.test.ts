@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { MvmError } from '../../src/errors.js';
 import {
-  discardStaged, imageIsClean, parseAddDirSpec, stageAddDir, syncBack, treeDigest, uncleanReason, type StagedDir,
+  discardStaged, imageIsClean, parseAddDirSpec, stageAddDir, syncBack, treeDigest, treeManifest, uncleanReason, type StagedDir,
 } from '../../src/dirsync/index.js';
 import { Ext4Image, type Inode } from '../../src/dirsync/ext4.js';
 import { readSymlinkTarget } from '../../src/dirsync/ext4-data.js';
@@ -20,6 +20,7 @@ const MiB = 1024 ** 2;
 const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-hostile-')));
 const state = join(base, 'state');
 mkdirSync(state);
+process.env.MVM_STATE_DIR = join(state, 'mvm');
 after(() => rmSync(base, { recursive: true, force: true }));
 
 let counter = 0;
@@ -334,23 +335,28 @@ describe('hostile images', () => {
     }
   });
 
-  it('gives HOST no half-written file when the sync dies part-way', async () => {
+  it('leaves HOST exactly as it was when the sync fails part-way', async () => {
     const host = hostTree();
-    const old = Buffer.alloc(8 * MiB, 0x61);
+    const old = Buffer.alloc(MiB, 0x61);
     for (let i = 0; i < 20; i++) writeFileSync(join(host, `big${i}`), old);
     const guest = fresh('guest');
-    const updated = Buffer.alloc(8 * MiB + 1, 0x62);
+    const updated = Buffer.alloc(MiB + 1, 0x62);
     for (let i = 0; i < 20; i++) writeFileSync(join(guest, `big${i}`), updated);
     const staged = await hostileRun(host, guest);
-    await assert.rejects(
-      syncBack(staged, { onRsyncStart: (pid) => setTimeout(() => process.kill(pid, 'SIGKILL'), 150) }),
-      /failed part-way/,
-    );
-    for (const name of readdirSync(host)) {
-      if (!name.startsWith('big')) continue;
-      const content = readFileSync(join(host, name));
-      assert.ok(content.equals(old) || content.equals(updated), `${name} is whole`);
-    }
-    assert.deepEqual(readdirSync(host).filter((n) => n.startsWith('.')), [], 'no rsync temp files left');
+    const before = treeManifest(host);
+    let steps = 0;
+    const failHalfWay = (index: number, total: number) => {
+      steps = total;
+      if (index === Math.floor(total / 2)) throw new Error('injected failure');
+    };
+    await assert.rejects(syncBack(staged, { onApplyStep: failHalfWay }), (err: unknown) => {
+      assert.ok(err instanceof MvmError);
+      assert.match(err.message, /left as it was: syncing back failed part-way \(injected failure\), and what had changed was rolled back/);
+      return true;
+    });
+    assert.ok(steps >= 40, `20 files replaced, 2 entries deleted: ${steps} steps`);
+    assert.deepEqual(treeManifest(host), before, 'HOST as it was, to the nanosecond');
+    assert.deepEqual(readdirSync(host).filter((n) => n.startsWith('.')), [], 'no work dir left');
+    assert.deepEqual(readdirSync(join(state, 'mvm/syncs')), [], 'no journal left');
   });
 });

@@ -17,6 +17,7 @@ const MiB = 1024 ** 2;
 const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-rt-')));
 const state = join(base, 'state');
 mkdirSync(state);
+process.env.MVM_STATE_DIR = join(state, 'mvm');
 after(() => rmSync(base, { recursive: true, force: true }));
 
 let counter = 0;
