@@ -110,7 +110,6 @@ export async function runDoctor(): Promise<DoctorReport> {
     guarded('cache dir', () => checkDirectory('cache dir', cacheDir(), { envVar: 'MVM_CACHE_DIR', neededByExec: true })),
     guarded('data dir', () => checkDirectory('data dir', dataDir(), { envVar: 'MVM_DATA_DIR', neededByExec: false })),
     guarded('e2fsprogs', () => checkOptionalTools('e2fsprogs', ['mke2fs', 'debugfs', 'e2fsck'], 'e2fsprogs', '--add-dir')),
-    guarded('rsync', () => checkOptionalTools('rsync', ['rsync'], 'rsync', '--add-dir')),
     guarded('qemu-img', () => checkOptionalTools('qemu-img', ['qemu-img'], 'qemu-utils', 'template snapshots')),
   ]);
   return doctorReport(checks);

@@ -1,11 +1,11 @@
 import type { Readable, Writable } from 'node:stream';
-import { rm, writeFile } from 'node:fs/promises';
+import { rm, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { finished } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { driveSerial } from '../backends/drives.js';
 import type { Backend, RootDriveSpec, RunningVm, VmSpec } from '../backends/types.js';
-import { stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
+import { recoverInterruptedSyncs, stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
 import { MvmError } from '../errors.js';
 import type { Progress } from '../progress.js';
 import { EXIT_TIMED_OUT, exitStatusToCode, type AgentSession, type ExitStatus } from '../protocol/index.js';
@@ -75,6 +75,8 @@ export interface RestorePlan {
   stateFile: string;
   /** The root drive as the snapshot saw it (its disk state at capture time), again copy-on-write. */
   rootDrive?: RootDriveSpec;
+  /** Empty drives the snapshot was taken with; `--add-dir` images take their places, in order. */
+  driveSlots: { paths: string[]; slotBytes: number };
 }
 
 /** Name of the file in a VM's directory naming the template directory it runs from. */
@@ -117,8 +119,10 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   timings.mark('image ready');
   const accel = await planBootAccel(deps.backend, deps.accel, image.kernelSha256, io.log);
 
-  // Listing reaps what runs killed with SIGKILL left behind (state dirs, staging images).
+  // Listing reaps what runs killed with SIGKILL left behind (state dirs, staging images), and a
+  // sync-back such a run left half applied is finished or rolled back.
   await listVms();
+  await recoverInterruptedSyncs(io.log);
   const name = newVmName();
   const runDir = await createVmDir(name);
   let vm: RunningVm | undefined;
@@ -163,7 +167,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     const choice: SnapshotChoice = image.chooseSnapshot ? await image.chooseSnapshot(accel, guestSignal) : {};
     if (choice.warning) io.log(choice.warning);
     else if (choice.note && io.verbose) io.log(choice.note);
-    const snapshot = staged.length === 0 ? choice.plan : undefined;
+    const snapshot = choice.plan && (await fitDriveSlots(choice.plan, staged, io));
     if (snapshot) {
       const restore = await restoreSnapshot(deps.backend, { ...spec, accel: accel.accel }, snapshot, record, guestSignal);
       if ('session' in restore) {
@@ -238,6 +242,21 @@ function accelName(accel: Accel): string {
 }
 
 /**
+ * Makes the staged `--add-dir` images fit the snapshot's drive slots: each is extended (sparse) to
+ * the slot's size, which the restored guest already knows its device to have; its file system
+ * stays as built. An image bigger than a slot means a cold boot, noted with -v.
+ */
+async function fitDriveSlots(plan: RestorePlan, staged: readonly StagedDir[], io: ExecIo): Promise<RestorePlan | undefined> {
+  const tooBig = staged.find((dir) => dir.imageBytes > plan.driveSlots.slotBytes);
+  if (tooBig) {
+    if (io.verbose) io.log(`snapshot not used: the image of --add-dir ${tooBig.spec.spec} is larger than a drive slot (${plan.driveSlots.slotBytes / 1024 ** 3} GiB)`);
+    return undefined;
+  }
+  for (const dir of staged) await truncate(dir.imagePath, plan.driveSlots.slotBytes);
+  return plan;
+}
+
+/**
  * Restores a snapshot into a new VMM and opens a fresh agent session on it (its HELLO sets the guest
  * clock and reseeds the guest RNG). Any failure kills that VMM and is returned, not thrown, so the
  * caller can boot cold; only an abort (Ctrl-C) is thrown.
@@ -255,6 +274,8 @@ async function restoreSnapshot(
     vm = await backend.start(
       {
         ...cold,
+        // The staged directories in their slots, the rest of the slots empty and read-only.
+        drives: plan.driveSlots.paths.map((path, index) => cold.drives[index] ?? { path, readOnly: true }),
         memoryFile: { path: plan.memoryFile, shared: false },
         incomingState: plan.stateFile,
         ...(plan.rootDrive ? { rootDrive: plan.rootDrive } : {}),

@@ -1,4 +1,4 @@
-import { mkdir, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readlink, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import type { AccelPlan } from '../accel/index.js';
 import type { Backend, RunningVm } from '../backends/types.js';
@@ -10,7 +10,7 @@ import { pidAlive } from '../image/lock.js';
 import { silentProgress, type Progress } from '../progress.js';
 import { lastLine, runTool } from '../run-tool.js';
 import { createVmDir, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord } from '../state/registry.js';
-import { SNAPSHOT_FORMAT, SNAPSHOT_LINK, SNAPSHOT_META_FILE, subjectInputs, type SnapshotFile, type SnapshotMeta, type SnapshotSubject } from './subject.js';
+import { DRIVE_SLOT_BYTES, DRIVE_SLOTS, SNAPSHOT_FORMAT, SNAPSHOT_LINK, SNAPSHOT_META_FILE, subjectInputs, type SnapshotFile, type SnapshotMeta, type SnapshotSubject } from './subject.js';
 
 /** The guest did not boot to its agent: nothing snapshot-specific went wrong, and a cold boot would fail alike. */
 export class SnapshotBootError extends MvmError {
@@ -59,6 +59,11 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
       const res = await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', backing, join(snapDir, 'disk.qcow2')], { signal, timeoutMs: 60_000 });
       if (res.code !== 0) throw new MvmError(`qemu-img create failed: ${lastLine(res.stderr)}`);
     }
+    const slots = Array.from({ length: DRIVE_SLOTS }, (_, index) => `slot${index}`);
+    for (const slot of slots) {
+      await writeFile(join(snapDir, slot), '');
+      await truncate(join(snapDir, slot), DRIVE_SLOT_BYTES);
+    }
     const record = ownVmRecord({ name, backend: backend.name, command: ['(snapshot)', subject.label], runDir });
     await writeVmRecord(record);
     const started = performance.now();
@@ -72,7 +77,8 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
         kernelArgs: subject.kernelArgs,
         cpus: subject.cpus,
         memoryMiB: subject.memoryMiB,
-        drives: [],
+        // Writable at capture, or the guest would treat the devices as read-only for good.
+        drives: slots.map((slot) => ({ path: join(snapDir, slot), readOnly: false })),
         ...(subject.rootfs ? { rootDrive: { path: join(snapDir, 'disk.qcow2'), format: 'qcow2' as const, copyOnWrite: false } } : {}),
         memoryFile: { path: join(snapDir, 'ram'), shared: true },
       },
@@ -122,6 +128,7 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
         state: await fileRecord(snapDir, 'state'),
         ...(subject.rootfs ? { disk: await fileRecord(snapDir, 'disk.qcow2') } : {}),
       },
+      driveSlots: { files: slots, slotBytes: DRIVE_SLOT_BYTES },
       bootSeconds,
     };
     await writeFile(join(snapDir, SNAPSHOT_META_FILE), JSON.stringify(meta, null, 2) + '\n');

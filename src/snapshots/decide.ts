@@ -45,7 +45,9 @@ export async function decideSnapshot(subject: SnapshotSubject, backend: Backend,
   if (!found) return { note: `${subject.label} has no snapshot: booting cold`, missing: true };
   const { dir, meta } = found;
   if (request.noSnapshot) return { note: 'snapshot not used: --no-snapshot' };
-  if (request.addDirs > 0) return { note: 'snapshot not used: --add-dir needs a cold boot (the snapshot has no drive for it)' };
+  if (request.addDirs > meta.driveSlots.files.length) {
+    return { note: `snapshot not used: it has ${meta.driveSlots.files.length} drive slots for --add-dir, this run needs ${request.addDirs}` };
+  }
   if (request.cpus !== meta.cpus || request.memoryMiB !== meta.memoryMiB) {
     return { note: `snapshot not used: it was taken with ${meta.cpus} CPUs and ${meta.memoryMiB} MiB, this run asks for ${request.cpus} and ${request.memoryMiB} MiB` };
   }
@@ -65,6 +67,10 @@ export async function decideSnapshot(subject: SnapshotSubject, backend: Backend,
   for (const input of meta.inputs) {
     const info = await stat(join(subject.dir, input.file)).catch(() => undefined);
     if (!info || info.size !== input.size || info.mtimeMs !== input.mtimeMs) return warn(`${input.file} was modified`);
+  }
+  for (const slot of meta.driveSlots.files) {
+    const info = await stat(join(dir, slot)).catch(() => undefined);
+    if (!info || info.size !== meta.driveSlots.slotBytes) return warn(`its drive slot ${slot} is missing or resized`);
   }
   for (const file of [meta.files.ram, meta.files.state, ...(meta.files.disk ? [meta.files.disk] : [])]) {
     const info = await stat(join(dir, file.file)).catch(() => undefined);
@@ -87,6 +93,7 @@ export async function decideSnapshot(subject: SnapshotSubject, backend: Backend,
       accel: meta.accel,
       memoryFile: join(dir, meta.files.ram.file),
       stateFile: join(dir, meta.files.state.file),
+      driveSlots: { paths: meta.driveSlots.files.map((slot) => join(dir, slot)), slotBytes: meta.driveSlots.slotBytes },
       ...(meta.files.disk ? { rootDrive: { path: join(dir, meta.files.disk.file), format: 'qcow2' as const, copyOnWrite: true } } : {}),
     },
   };

@@ -31,7 +31,15 @@ export interface SnapshotSubject {
   layoutVersion: number;
 }
 
-export const SNAPSHOT_FORMAT = 2;
+export const SNAPSHOT_FORMAT = 3;
+/**
+ * Empty drives every snapshot is taken with, so that a restore can attach `--add-dir` images in
+ * their place: the guest saw these devices (writable, this size) at capture, so the images take
+ * their slots by being exactly this big (sparse: an image is extended to it), and read-only ones are
+ * attached read-only at the host's block layer.
+ */
+export const DRIVE_SLOTS = 4;
+export const DRIVE_SLOT_BYTES = 16 * 1024 ** 3;
 export const SNAPSHOT_LINK = 'snapshot';
 export const SNAPSHOT_META_FILE = 'snapshot.json';
 
@@ -63,6 +71,8 @@ export interface SnapshotMeta {
   /** The subject's files, relative to its directory (size + mtime: a cheap check that they were not replaced). */
   inputs: Array<{ file: string; size: number; mtimeMs: number }>;
   files: { ram: SnapshotFile; state: SnapshotFile; disk?: SnapshotFile };
+  /** The empty drive slots (`slot0`…), all `slotBytes` big: checked by size, inode and mtime, never hashed. */
+  driveSlots: { files: string[]; slotBytes: number };
   /** Seconds from VMM start until the agent answered, when captured (for `template info`). */
   bootSeconds: number;
 }

@@ -2,7 +2,7 @@
 // every clone gets its own entropy and the host's clock, and a snapshot that no longer fits is
 // retaken or skipped, never trusted.
 import assert from 'node:assert/strict';
-import { mkdtempSync, readdirSync, readlinkSync, rmSync, truncateSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -56,6 +56,41 @@ describe('the default image snapshot', () => {
     const outputs = runs.map((run) => run.stdout.toString().trim().split('\n'));
     assert.equal(new Set(outputs.map((lines) => lines[0])).size, 4, 'no two clones share random bytes');
     for (const lines of outputs) assert.ok(Math.abs(Number(lines.at(-1)) - Date.now() / 1000) < 120, `guest clock ${lines.at(-1)} is the host's`);
+    await assertNoVmLeft(isolated.stateDir);
+  });
+
+  test('--add-dir restores too: the images take drive slots, ro stays ro at the host, rw syncs back', async () => {
+    const ro = mkdtempSync(join(tmpdir(), 'mvm-e2e-slot-ro-'));
+    const rw = mkdtempSync(join(tmpdir(), 'mvm-e2e-slot-rw-'));
+    try {
+      writeFileSync(join(ro, 'keep.txt'), 'original\n');
+      writeFileSync(join(rw, 'old.txt'), 'old\n');
+      const script = [
+        'cat /data/keep.txt',
+        'echo x > /data/keep.txt && echo WROTE',
+        'mount -o remount,rw /data && echo REMOUNTED',
+        'echo y > /data/new && sync && echo WROTE2',
+        'echo made > /work/new.txt',
+        'rm /work/old.txt',
+      ].join('; ');
+      const result = await mvmctl(['exec', '-v', '--add-dir', `${ro}:/data:ro`, '--add-dir', `${rw}:/work:rw`, '--', 'sh', '-c', script], env);
+      assert.equal(result.code, 0, result.stderr);
+      assert.ok(restored(result.stderr), result.stderr);
+      assert.equal(result.stdout.toString(), 'original\n', 'no write to the ro directory succeeded, as root, even after a remount');
+      assert.deepEqual(readdirSync(ro), ['keep.txt']);
+      assert.equal(readFileSync(join(ro, 'keep.txt'), 'utf8'), 'original\n');
+      assert.deepEqual(readdirSync(rw), ['new.txt']);
+      assert.equal(readFileSync(join(rw, 'new.txt'), 'utf8'), 'made\n');
+    } finally {
+      rmSync(ro, { recursive: true, force: true });
+      rmSync(rw, { recursive: true, force: true });
+    }
+    const small = mkdtempSync(join(tmpdir(), 'mvm-e2e-slot-small-'));
+    const tooMany = ['a', 'b', 'c', 'd', 'e'].map((name) => ['--add-dir', `${small}:/m/${name}:ro`]).flat();
+    const cold = await mvmctl(['exec', '-v', ...tooMany, '--', 'true'], env);
+    rmSync(small, { recursive: true, force: true });
+    assert.equal(cold.code, 0, cold.stderr);
+    assert.match(cold.stderr, /snapshot not used: it has 4 drive slots for --add-dir, this run needs 5/);
     await assertNoVmLeft(isolated.stateDir);
   });
 

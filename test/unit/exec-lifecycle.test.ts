@@ -4,7 +4,7 @@
  * ends leaves no VMM behind. The same paths run on real VMs in test/e2e.
  */
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
@@ -138,7 +138,7 @@ describe('exec lifecycle (scripted guest)', () => {
     const withSnapshot: BootImage = {
       ...image,
       label: 'template tpl',
-      chooseSnapshot: async () => ({ plan: { accel: 'tcg', memoryFile: '/snap/ram', stateFile: '/snap/state' } }),
+      chooseSnapshot: async () => ({ plan: { accel: 'tcg', memoryFile: '/snap/ram', stateFile: '/snap/state', driveSlots: { paths: ['/snap/slot0'], slotBytes: 1 << 30 } } }),
     };
     const result = await execInMicroVm(request(), out, deps(backend, withSnapshot), new AbortController().signal);
     assert.equal(result.exitCode, 0);
@@ -149,6 +149,26 @@ describe('exec lifecycle (scripted guest)', () => {
       ['/snap/state', 'cold'],
     );
     assert.ok(await backend.allExited());
+  });
+
+  test('a restore with --add-dir: each image takes a drive slot at the slot size, the rest stay empty and read-only', async () => {
+    const host = hostDir();
+    let imageSize = 0;
+    const backend = new ScriptedBackend((message, guest) => {
+      if (message.type === 'mount') imageSize = statSync(guest.spec.drives[0]!.path).size;
+      politeAgent(message, guest);
+    });
+    const slotBytes = 256 * 1024 ** 2;
+    const withSlots: BootImage = {
+      ...image,
+      chooseSnapshot: async () => ({ plan: { accel: 'tcg', memoryFile: '/snap/ram', stateFile: '/snap/state', driveSlots: { paths: ['/snap/slot0', '/snap/slot1'], slotBytes } } }),
+    };
+    const result = await execInMicroVm(request([`${host}:/w:ro`]), io(), deps(backend, withSlots), new AbortController().signal);
+    assert.equal(result.exitCode, 0);
+    const [spec] = backend.specs;
+    assert.equal(spec!.incomingState, '/snap/state');
+    assert.deepEqual(spec!.drives.map((drive) => [drive.path.endsWith('disk.ext4') ? 'staged' : drive.path, drive.readOnly]), [['staged', true], ['/snap/slot1', true]]);
+    assert.equal(imageSize, slotBytes);
   });
 
   test('a snapshot the image rules out for this run: its warning, then a cold boot; the accelerator is asked for', async () => {

@@ -33,6 +33,7 @@ function laidOut(): { subject: SnapshotSubject; snap: string; meta: SnapshotMeta
   mkdirSync(snap, { recursive: true });
   for (const [file, content] of [['vmlinux', 'kernel'], ['initrd', 'initrd']]) writeFileSync(join(dir, file), content);
   writeFileSync(join(snap, 'ram'), 'ram');
+  for (const slot of ['slot0', 'slot1']) writeFileSync(join(snap, slot), Buffer.alloc(1024));
   writeFileSync(join(snap, 'state'), 'state');
   symlinkSync('snap-1-a', join(dir, 'snapshot'));
   const subject: SnapshotSubject = {
@@ -52,7 +53,7 @@ function laidOut(): { subject: SnapshotSubject; snap: string; meta: SnapshotMeta
     return { file, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, sha256: 'x' };
   };
   const meta: SnapshotMeta = {
-    format: 2,
+    format: 3,
     subject: 'template t',
     createdAt: 'then',
     backend: 'qemu',
@@ -66,6 +67,7 @@ function laidOut(): { subject: SnapshotSubject; snap: string; meta: SnapshotMeta
     memoryMiB: 512,
     inputs: ['vmlinux', 'initrd'].map((file) => ({ file, size: statSync(join(dir, file)).size, mtimeMs: statSync(join(dir, file)).mtimeMs })),
     files: { ram: record(join(snap, 'ram'), 'ram'), state: record(join(snap, 'state'), 'state') },
+    driveSlots: { files: ['slot0', 'slot1'], slotBytes: 1024 },
     bootSeconds: 1,
   };
   writeFileSync(join(snap, 'snapshot.json'), JSON.stringify(meta));
@@ -77,14 +79,18 @@ const warning = (why: string) => `template t: not using its snapshot (${why}); b
 describe('decideSnapshot', () => {
   test('a snapshot that fits gives a restore plan of its files', async () => {
     const { subject, snap } = laidOut();
-    assert.deepEqual(await decideSnapshot(subject, backend(), request), { plan: { accel: 'tcg', memoryFile: join(snap, 'ram'), stateFile: join(snap, 'state') } });
+    assert.deepEqual(await decideSnapshot(subject, backend(), request), {
+      plan: { accel: 'tcg', memoryFile: join(snap, 'ram'), stateFile: join(snap, 'state'), driveSlots: { paths: [join(snap, 'slot0'), join(snap, 'slot1')], slotBytes: 1024 } },
+    });
+    // --add-dir images take the drive slots, as many as there are.
+    assert.ok((await decideSnapshot(subject, backend(), { ...request, addDirs: 2 })).plan);
   });
 
   test('what the request rules out is a note, not a warning', async () => {
     const { subject } = laidOut();
     const note = async (changes: Partial<SnapshotRequest>) => (await decideSnapshot(subject, backend(), { ...request, ...changes })).note;
     assert.equal(await note({ noSnapshot: true }), 'snapshot not used: --no-snapshot');
-    assert.match((await note({ addDirs: 1 }))!, /--add-dir needs a cold boot/);
+    assert.equal(await note({ addDirs: 3 }), 'snapshot not used: it has 2 drive slots for --add-dir, this run needs 3');
     assert.match((await note({ memoryMiB: 1024 }))!, /taken with 2 CPUs and 512 MiB, this run asks for 2 and 1024 MiB/);
     assert.match((await note({ cpus: 1 }))!, /this run asks for 1 and 512 MiB/);
     assert.match((await note({ accel: { choice: 'auto', accel: 'tcg', probe: { bootId: 'b', vmm: 'v', kernelSha256: 'k' } } }))!, /KVM has not yet been proven/);
@@ -127,6 +133,10 @@ describe('decideSnapshot', () => {
     renameSync(join(replaced.snap, 'state.new'), join(replaced.snap, 'state'));
     utimesSync(join(replaced.snap, 'state'), st.atime, st.mtime);
     assert.deepEqual(await decideSnapshot(replaced.subject, backend(), request), { warning: warning('state was modified or replaced') });
+
+    const slotGone = laidOut();
+    unlinkSync(join(slotGone.snap, 'slot1'));
+    assert.deepEqual(await decideSnapshot(slotGone.subject, backend(), request), { warning: warning('its drive slot slot1 is missing or resized') });
 
     const missing = laidOut();
     unlinkSync(join(missing.snap, 'ram'));
