@@ -2,12 +2,11 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createServer } from 'node:net';
 import {
-  chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync,
+  chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, renameSync,
   rmSync, statSync, symlinkSync, utimesSync, writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { MvmError } from '../../src/errors.js';
 import {
   discardStaged, imageIsClean, parseAddDirSpec, stageAddDir, syncBack, treeDigest, treeManifest, uncleanReason, type StagedDir,
@@ -15,20 +14,11 @@ import {
 import { Ext4Image, type Inode } from '../../src/dirsync/ext4.js';
 import { readSymlinkTarget } from '../../src/dirsync/ext4-data.js';
 import { scanImage, UntrustedImageError } from '../../src/dirsync/image-tree.js';
+import { scratchTree } from './scratch.js';
 
 const MiB = 1024 ** 2;
-const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-hostile-')));
+const { base, fresh } = scratchTree('dirsync-hostile-');
 const state = join(base, 'state');
-mkdirSync(state);
-process.env.MVM_STATE_DIR = join(state, 'mvm');
-after(() => rmSync(base, { recursive: true, force: true }));
-
-let counter = 0;
-function fresh(name: string): string {
-  const dir = join(base, `${name}${counter++}`);
-  mkdirSync(dir, { recursive: true });
-  return dir;
-}
 
 function hostTree(): string {
   const host = fresh('host');

@@ -1,36 +1,24 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import {
-  chmodSync, linkSync, lstatSync, lutimesSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync,
+  chmodSync, linkSync, lstatSync, lutimesSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync,
   rmdirSync, symlinkSync, utimesSync, writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, before, describe, it } from 'node:test';
+import { before, describe, it } from 'node:test';
 import { MvmError } from '../../src/errors.js';
 import {
   parseAddDirSpec, recoverInterruptedSyncs, stageAddDir, syncBack, treeDigest, treeManifest, type StagedDir, type SyncOptions,
 } from '../../src/dirsync/index.js';
 import { joinRel, walkHost } from '../../src/dirsync/host-tree.js';
+import { scratchTree } from './scratch.js';
 
 const MiB = 1024 ** 2;
-const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-interrupt-')));
+const { base, stateDir, fresh } = scratchTree('dirsync-interrupt-');
 const staging = join(base, 'staging');
 mkdirSync(staging);
-process.env.MVM_STATE_DIR = join(base, 'mvm');
-const syncs = join(base, 'mvm', 'syncs');
-// The trees hold read-only directories, which a non-root user cannot empty without write permission.
-after(() => {
-  execFileSync('chmod', ['-R', 'u+w', base]);
-  rmSync(base, { recursive: true, force: true });
-});
-
+const syncs = join(stateDir, 'syncs');
 let counter = 0;
-function fresh(name: string): string {
-  const dir = join(base, `${name}${counter++}`);
-  mkdirSync(dir);
-  return dir;
-}
 
 /** HOST before the run: fixed contents and nanosecond mtimes, so every copy of it is identical. */
 function pristineTree(): string {
@@ -64,7 +52,7 @@ function pristineTree(): string {
 
 /** The guest's final tree: new, changed and deleted files, dir→file and file→dir, a retargeted symlink, hard links made and broken. */
 function guestFinal(pristine: string): string {
-  const final = join(base, `final${counter++}`);
+  const final = join(base, `guest-final${counter++}`);
   execFileSync('cp', ['-a', pristine, final]);
   writeFileSync(join(final, 'change.txt'), 'after, and longer\n');
   rmSync(join(final, 'gone.txt'));
@@ -105,7 +93,7 @@ let totalSteps = 0;
 
 /** A fresh copy of the pristine HOST, staged with the guest's image (the image is only read, so all runs share it). */
 function freshRun(): { host: string; staged: StagedDir } {
-  const host = join(base, `host${counter++}`);
+  const host = join(base, `run-host${counter++}`);
   execFileSync('cp', ['-a', pristine, host]);
   const st = lstatSync(host, { bigint: true });
   const staged = { ...guestImage, spec: parseAddDirSpec(`${host}:/work:rw`, base), hostIdentity: { dev: st.dev, ino: st.ino } };

@@ -1,14 +1,14 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import {
-  chmodSync, closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readSync, realpathSync, rmSync, statSync, truncateSync,
+  chmodSync, closeSync, mkdirSync, openSync, readdirSync, readSync, statSync, truncateSync,
   writeFileSync, writeSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { MvmError } from '../../src/errors.js';
 import { discardStaged, parseAddDirSpec, stageAddDir, syncBack, treeDigest, type StagedDir } from '../../src/dirsync/index.js';
+import { scratchTree } from './scratch.js';
 
 // Set before the first sync-back reads it; the expectations below are for this umask.
 process.umask(0o022);
@@ -16,18 +16,8 @@ process.umask(0o022);
 const KiB = 1024;
 const MiB = 1024 ** 2;
 const GiB = 1024 ** 3;
-const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-modes-')));
+const { base, fresh } = scratchTree('dirsync-modes-');
 const state = join(base, 'state');
-mkdirSync(state);
-process.env.MVM_STATE_DIR = join(state, 'mvm');
-after(() => rmSync(base, { recursive: true, force: true }));
-
-let counter = 0;
-function fresh(name: string): string {
-  const dir = join(base, `${name}${counter++}`);
-  mkdirSync(dir, { recursive: true });
-  return dir;
-}
 
 function hostTree(): string {
   const host = fresh('host');

@@ -1,25 +1,21 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import {
-  chmodSync, linkSync, mkdirSync, mkdtempSync, readFileSync, realpathSync, renameSync, rmSync, statSync,
+  chmodSync, linkSync, mkdirSync, readFileSync, renameSync, rmSync, statSync,
   symlinkSync, truncateSync, unlinkSync, utimesSync, writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import {
   discardStaged, imageIsClean, parseAddDirSpec, stageAddDir, syncBack, treeManifest, type StagedDir,
 } from '../../src/dirsync/index.js';
 import { Ext4Image } from '../../src/dirsync/ext4.js';
 import { joinRel, walkHost } from '../../src/dirsync/host-tree.js';
+import { scratchTree } from './scratch.js';
 
 const MiB = 1024 ** 2;
-const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-rt-')));
+const { base } = scratchTree('dirsync-rt-');
 const state = join(base, 'state');
-mkdirSync(state);
-process.env.MVM_STATE_DIR = join(state, 'mvm');
-after(() => rmSync(base, { recursive: true, force: true }));
-
 let counter = 0;
 /** A host tree with every kind of thing the guest must see, with nanosecond mtimes. */
 function hostTree(): string {
