@@ -243,15 +243,17 @@ describe('templates with a root file system (tiny busybox tree)', () => {
     await assertNothingLeft();
   });
 
-  test('--add-dir with a template boots cold (noted with -v) and mounts the directory', async () => {
+  test('--add-dir with a template restores into a drive slot after its root drive, and mounts the directory', async () => {
     const host = join(work, 'share');
     mkdirSync(host);
     writeFileSync(join(host, 'data.txt'), 'shared\n');
     const r = await mvmctl(['exec', '-v', '--manifest', 'tiny', '--add-dir', `${host}:/host`, '--', 'cat', '/host/data.txt'], env);
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stdout.toString(), 'shared\n');
-    assert.ok(!restored(r.stderr));
-    assert.match(r.stderr, /snapshot not used: --add-dir/);
+    assert.ok(restored(r.stderr), r.stderr);
+    const cold = await mvmctl(['exec', '-v', '--no-snapshot', '--manifest', 'tiny', '--add-dir', `${host}:/host`, '--', 'cat', '/host/data.txt'], env);
+    assert.equal(cold.stdout.toString(), 'shared\n');
+    assert.ok(!restored(cold.stderr));
   });
 
   test('--rootfs-tar, and a tree using the reserved /.mvm is refused without touching the old template', async () => {
