@@ -1,5 +1,7 @@
 import { Command } from 'commander';
+import { recoverInterruptedSyncs } from '../dirsync/index.js';
 import { listVms, stopVm } from '../state/registry.js';
+import { logLine } from './parse.js';
 import { MvmError } from '../errors.js';
 
 function age(startedAt: string): string {
@@ -16,10 +18,12 @@ function table(rows: string[][]): string {
 
 export function lsCommand(): Command {
   return new Command('ls')
-    .description('list running microVMs (and clean up after runs that were killed)')
+    .description('list running microVMs (and clean up after runs that were killed, sync-backs included)')
     .option('--json', 'print JSON instead of a table')
     .action(async (options: { json?: boolean }) => {
       const vms = await listVms();
+      // A sync-back a killed run left half applied is finished or rolled back, as the next exec would.
+      await recoverInterruptedSyncs(logLine);
       if (options.json) {
         const out = vms.map(({ name, backend, command, startedAt, ownerPid, vmmPid, vmmRunning }) => ({ name, backend, command, startedAt, ownerPid, vmmPid, vmmRunning }));
         process.stdout.write(JSON.stringify(out, null, 2) + '\n');
