@@ -4,7 +4,7 @@ import { fileURLToPath } from 'node:url';
 /** Starts the real mvmctl CLI with `args`; stdout and stderr are pipes, stdin is /dev/null. */
 export type LaunchMvmctl = (args: string[], env: NodeJS.ProcessEnv) => ChildProcess;
 
-/** The CLI of the build this file was compiled into (dist/soak/ → dist/src/cli/main.js), or `mainJs`. */
-export function builtMvmctl(mainJs = fileURLToPath(new URL('../src/cli/main.js', import.meta.url))): LaunchMvmctl {
+/** The CLI as it ships (bin/mvmctl, which loads the bundle of the build this file belongs to), or `mainJs`. */
+export function builtMvmctl(mainJs = fileURLToPath(new URL('../../bin/mvmctl', import.meta.url))): LaunchMvmctl {
   return (args, env) => spawn(process.execPath, [mainJs, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
 }

@@ -12,7 +12,7 @@ import { seededRandom } from './random.js';
 import { formatSignalBatch, randomMoments, SIGNAL_CASES, signalBatch, signalProblems } from './signals.js';
 
 const USAGE = `usage: npm run soak -- [--only signals|flood|fuzz] [--runs N] [--gib N] [--stall-seconds N]
-       [--fuzz-inputs N] [--fuzz-seconds N] [--seed N] [--mvmctl PATH/TO/main.js]`;
+       [--fuzz-inputs N] [--fuzz-seconds N] [--seed N] [--mvmctl PATH/TO/CLI.js]`;
 
 const { values: flags } = parseArgs({
   options: {
