@@ -22,7 +22,8 @@ export interface FramePool {
   all: Buffer[];
 }
 
-const agentSamples: AgentMessage[] = [
+/** One of every message an agent sends, edge values included: the seeds mutations start from. */
+export const agentSamples: AgentMessage[] = [
   { type: 'hello', version: 1, capabilities: 0xf, agentVersion: 'mvm-agent 0.1.0' },
   { type: 'hello', version: 2, capabilities: 0, agentVersion: '' },
   { type: 'started', pid: 42 },
@@ -40,7 +41,8 @@ const agentSamples: AgentMessage[] = [
   { type: 'stdinAck', bytes: 65_536 },
 ];
 
-const hostSamples: HostMessage[] = [
+/** One of every message the host sends. */
+export const hostSamples: HostMessage[] = [
   { type: 'hello', version: 1, hostTimeNs: 123n, entropy: Buffer.alloc(32, 1) },
   { type: 'exec', timeoutMs: 3000, flags: 3, cwd: '/app', argv: ['sh', '-c', 'echo'], env: ['X=1', 'EMPTY='] },
   { type: 'stdin', data: Buffer.from('abc') },

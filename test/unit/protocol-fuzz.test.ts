@@ -8,47 +8,11 @@ import {
   HostFrameDecoder,
   MAX_PAYLOAD,
   ProtocolError,
-  type AgentMessage,
-  type HostMessage,
 } from '../../src/protocol/index.js';
-
-/** mulberry32: small, seeded, so a failing case can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { agentSamples, hostSamples } from '../../soak/fuzz-inputs.js';
+import { seededRandom as prng } from '../../soak/random.js';
 
 const TIME_BUDGET_MS = 4000;
-
-const agentSamples: AgentMessage[] = [
-  { type: 'hello', version: 1, capabilities: 0xf, agentVersion: 'mvm-agent 0.1.0' },
-  { type: 'started', pid: 42 },
-  { type: 'stdout', data: Buffer.from('hello\n') },
-  { type: 'stderr', data: Buffer.alloc(3000, 0xab) },
-  { type: 'exit', kind: 0, code: 7, message: '' },
-  { type: 'exit', kind: 3, code: 127, message: 'exec "nope": No such file or directory' },
-  { type: 'ok' },
-  { type: 'error', code: 3, fatal: false, message: 'no' },
-  { type: 'stdinAck', bytes: 4 },
-];
-
-const hostSamples: HostMessage[] = [
-  { type: 'hello', version: 1, hostTimeNs: 123n, entropy: Buffer.alloc(32, 1) },
-  { type: 'exec', timeoutMs: 3000, flags: 3, cwd: '/app', argv: ['sh', '-c', 'echo'], env: ['X=1', 'EMPTY='] },
-  { type: 'stdin', data: Buffer.from('abc') },
-  { type: 'stdinEof' },
-  { type: 'signal', signo: 15 },
-  { type: 'mount', flags: 1, device: '/dev/vdb', mountpoint: '/host', fstype: 'ext4' },
-  { type: 'unmount', mountpoint: '/work' },
-  { type: 'sync' },
-  { type: 'poweroff' },
-];
 
 function mutate(rand: () => number, frame: Buffer): Buffer {
   const out = Buffer.from(frame);
