@@ -166,14 +166,16 @@ describe('mvmctl exec --add-dir', () => {
       'echo x > sgid && chmod 2755 sgid',
       'mknod dev-null c 1 3',
       'mkfifo fifo',
-      `ln -s /etc etc-link && echo pwned > /etc/pwned-by-guest`,
-      `ln -s ${outside} escape && touch ${outside}/only-in-guest`,
+      // The links' targets exist in the guest too, so writing through them works there: the host
+      // must bring back the links as links and write nothing through them.
+      `ln -s /etc etc-link && echo pwned > etc-link/pwned-by-guest-${process.pid}`,
+      `mkdir -p ${outside} && ln -s ${outside} escape && touch escape/only-in-guest && ls escape >/dev/null`,
       `ln -s /etc/passwd passwd`,
     ].join('; ');
     const result = await mvmctl(['exec', '--add-dir', `${dir}:/work:rw`, '--', 'sh', '-c', script], env);
     assert.equal(result.code, 0, result.stderr);
     assert.match(result.stderr, /dev-null/, 'skipped device nodes are reported');
-    assert.ok(!existsSync('/etc/pwned-by-guest'));
+    assert.ok(!existsSync(`/etc/pwned-by-guest-${process.pid}`));
     assert.deepEqual(readdirSync(outside), []);
     assert.equal(readlinkSync(join(dir, 'escape')), outside, 'symlinks come back as symlinks, never followed');
     assert.equal(readlinkSync(join(dir, 'etc-link')), '/etc');
