@@ -788,11 +788,13 @@ def main():
     tempfile.tempdir = tempfile.mkdtemp(prefix="mvm-agent-tests-")
     a, n = Agent(dev), Agent(nodev)
     a.binary, n.binary = dev, nodev
-    passed = failed = 0
+    passed = failed = skipped = 0
+    # ONLY=name runs just the matching tests while debugging; the rest are counted and said skipped.
     only = os.environ.get("ONLY")
     try:
         for t in TESTS:
             if only and only not in t.__name__:
+                skipped += 1
                 continue
             try:
                 t(a, n)
@@ -805,13 +807,13 @@ def main():
                 if ag.proc.poll() is not None:
                     print("FAIL agent died (%s) after %s" % (ag.proc.returncode, t.__name__))
                     failed += 1
-                    return finish(prior, passed, failed, a, n)
+                    return finish(prior, passed, failed, skipped, a, n)
     finally:
         pass
-    return finish(prior, passed, failed, a, n)
+    return finish(prior, passed, failed, skipped, a, n)
 
 
-def finish(prior, passed, failed, a, n):
+def finish(prior, passed, failed, skipped, a, n):
     for ag in (a, n):
         ag.stop()
         if failed:
@@ -819,8 +821,9 @@ def finish(prior, passed, failed, a, n):
                 sys.stdout.write("--- %s stderr:\n%s" % (ag.binary, f.read().decode(errors="replace")[-4000:]))
     import shutil
     shutil.rmtree(tempfile.tempdir, ignore_errors=True)
-    print("agent end-to-end: %d passed, %d failed" % (passed, failed))
-    print("%d passed, %d failed" % (prior + passed, failed))
+    note = ", %d skipped (ONLY=%s)" % (skipped, os.environ.get("ONLY")) if skipped else ""
+    print("agent end-to-end: %d passed, %d failed%s" % (passed, failed, note))
+    print("%d passed, %d failed%s" % (prior + passed, failed, ", %d skipped" % skipped if skipped else ""))
     sys.exit(1 if failed else 0)
 
 
