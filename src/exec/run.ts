@@ -8,7 +8,7 @@ import type { Backend, RootDriveSpec, RunningVm, VmSpec } from '../backends/type
 import { recoverInterruptedSyncs, stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
 import { MvmError } from '../errors.js';
 import type { Progress } from '../progress.js';
-import { EXIT_TIMED_OUT, exitStatusToCode, type AgentSession, type ExitStatus } from '../protocol/index.js';
+import { EXIT_TIMED_OUT, exitStatusToCode, type AgentSession, type ExecHandle, type ExitStatus } from '../protocol/index.js';
 import { createVmDir, listVms, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
 import type { Accel, AccelChoice, AccelPlan } from '../accel/index.js';
 import { bootVm, openAgentSession, planBootAccel } from './boot.js';
@@ -37,6 +37,8 @@ export interface ExecIo {
   log: (line: string) => void;
   verbose: boolean;
   progress: Progress;
+  /** Called once the agent has started the command: its `signal(signo)` reaches the command's process group. */
+  onCommandStarted?: (command: Pick<ExecHandle, 'signal'>) => void;
 }
 
 /**
@@ -329,6 +331,7 @@ async function runCommand(session: AgentSession, vm: RunningVm, request: ExecReq
     stdin: request.interactive,
     signal,
   });
+  io.onCommandStarted?.(handle);
   handle.stdout.pipe(io.stdout, { end: false });
   handle.stderr.pipe(io.stderr, { end: false });
   if (handle.stdin) io.stdin.pipe(handle.stdin);

@@ -1,0 +1,169 @@
+/**
+ * `exec(argv, options)`: one command in a fresh microVM, as a handle with live output streams, in
+ * the manner of E2B's `commands.run` and Vercel Sandbox's `runCommand`. The CLI's `mvmctl exec` is
+ * this function with flags parsed and the streams piped to the terminal.
+ */
+import { constants } from 'node:os';
+import { PassThrough, Readable, Writable } from 'node:stream';
+import { execInMicroVm, type ExecIo } from '../exec/run.js';
+import { silentProgress } from '../progress.js';
+import { MAX_SIGNAL, type ExecHandle as AgentExecHandle } from '../protocol/index.js';
+import { qemuProvider, resolveExec, type ExecOptions, type VmProvider } from './options.js';
+
+export interface ExecResult {
+  /** As `mvmctl exec` exits: the command's own code, 128+N for signal N, 124 on timeout, 126/127 when it could not start. */
+  exitCode: number;
+  /** The signal that killed the command, when one did and it has a name. */
+  signal?: NodeJS.Signals;
+  /** The `timeout` expired and the command's process group was killed. */
+  timedOut: boolean;
+}
+
+export interface ExecHandle {
+  /**
+   * The command's output. Read both streams (iterate, pipe, or `resume()` the one you do not need):
+   * as with a child process's pipes, output nobody reads stalls the command once buffers are full.
+   */
+  readonly stdout: Readable;
+  readonly stderr: Readable;
+  /** The command's stdin, with `options.stdin`; `end()` it to send EOF. Writes after the command ended are dropped. */
+  readonly stdin?: Writable;
+  /**
+   * Settles once the VM is gone (and rw directories are synced back). Rejects with an MvmError when
+   * mvmctl itself fails (bad options, before any VM starts; a failed boot; `error.exitCode` says
+   * which, as the CLI would exit), or with `options.signal`'s reason when that aborts.
+   */
+  readonly exited: Promise<ExecResult>;
+  /**
+   * Sends `signal` (default SIGKILL) to the command's process group in the guest; `exited` then gives
+   * 128+N if it dies of it. Before the command has started, the signal waits and is sent as it starts.
+   */
+  kill(signal?: NodeJS.Signals | number): void;
+}
+
+/** exec() over a given VmProvider (tests pass a scripted guest; the API uses QEMU). */
+export function createExec(provider: VmProvider): (argv: readonly string[], options?: ExecOptions) => ExecHandle {
+  return (argv, options = {}) => {
+    const stdout = outputChannel();
+    const stderr = outputChannel();
+    const stdin = options.stdin ? new PassThrough() : undefined;
+    const command = new PendingSignals();
+    const exited = run(argv, options, provider, { stdout: stdout.sink, stderr: stderr.sink, stdin, command }).finally(() => {
+      command.close();
+      stdout.sink.end();
+      stderr.sink.end();
+      // Nothing reads the stdin stream any more: let further writes drain away instead of piling up.
+      stdin?.resume();
+    });
+    return {
+      stdout: stdout.source,
+      stderr: stderr.source,
+      ...(stdin ? { stdin } : {}),
+      exited,
+      kill: (signal = 'SIGKILL') => command.send(signalNumber(signal)),
+    };
+  };
+}
+
+const qemuExec = createExec(qemuProvider);
+
+/**
+ * Runs `argv` in a fresh microVM and tears the VM down whatever happens. Options are checked before
+ * any VM starts; a bad one never throws here but rejects `exited` with an MvmError (exit code 125).
+ */
+export function exec(argv: readonly string[], options: ExecOptions = {}): ExecHandle {
+  return qemuExec(argv, options);
+}
+
+/**
+ * The lifecycle writes one of the command's streams into `sink`; the caller reads `source`. Unlike a
+ * PassThrough, a source its reader destroyed (a `break` out of `for await`) drops what follows
+ * instead of stalling the command, as the agent session does for its own streams.
+ */
+function outputChannel(): { sink: Writable; source: Readable } {
+  let blockedWrite: (() => void) | undefined;
+  const unblock = () => {
+    const next = blockedWrite;
+    blockedWrite = undefined;
+    next?.();
+  };
+  const source = new Readable({ read: unblock }).on('close', unblock);
+  const sink = new Writable({
+    write(chunk: Buffer, _encoding, callback) {
+      if (source.destroyed || source.push(chunk)) callback();
+      else blockedWrite = callback;
+    },
+    final(callback) {
+      if (!source.destroyed) source.push(null);
+      callback();
+    },
+  });
+  return { sink, source };
+}
+
+interface RunStreams {
+  stdout: Writable;
+  stderr: Writable;
+  stdin: Readable | undefined;
+  command: PendingSignals;
+}
+
+async function run(argv: readonly string[], options: ExecOptions, provider: VmProvider, streams: RunStreams): Promise<ExecResult> {
+  const signal = options.signal ?? new AbortController().signal;
+  signal.throwIfAborted();
+  const log = options.onWarning ?? (() => {});
+  const { request, deps } = await resolveExec(argv, options, provider, log);
+  // Resolving read files and templates; an abort meanwhile must not start a VM.
+  signal.throwIfAborted();
+  const io: ExecIo = {
+    stdin: streams.stdin ?? Readable.from([]),
+    stdout: streams.stdout,
+    stderr: streams.stderr,
+    log,
+    verbose: options.verbose ?? false,
+    progress: options.onProgress ?? silentProgress,
+    onCommandStarted: (started) => streams.command.start(started),
+  };
+  const { status, exitCode } = await execInMicroVm(request, io, deps, signal);
+  const name = status.kind === 'signaled' ? SIGNAL_NAMES.get(status.code) : undefined;
+  return { exitCode, ...(name ? { signal: name } : {}), timedOut: status.kind === 'timedOut' };
+}
+
+/** Signals asked for before the command started wait here, and go out in order as it starts. */
+class PendingSignals {
+  private command: Pick<AgentExecHandle, 'signal'> | undefined;
+  private readonly waiting: number[] = [];
+  private closed = false;
+
+  start(command: Pick<AgentExecHandle, 'signal'>): void {
+    this.command = command;
+    for (const signo of this.waiting.splice(0)) command.signal(signo);
+  }
+
+  send(signo: number): void {
+    if (this.closed) return;
+    if (this.command) this.command.signal(signo);
+    else this.waiting.push(signo);
+  }
+
+  close(): void {
+    this.closed = true;
+  }
+}
+
+/** Names by number; the guest is Linux, like the host whose numbering node:os reports. */
+const SIGNAL_NAMES = new Map<number, NodeJS.Signals>();
+for (const [name, number] of Object.entries(constants.signals) as [NodeJS.Signals, number][]) {
+  // Aliases (SIGIOT for SIGABRT) come after the usual name; keep the first.
+  if (!SIGNAL_NAMES.has(number)) SIGNAL_NAMES.set(number, name);
+}
+
+function signalNumber(signal: NodeJS.Signals | number): number {
+  if (typeof signal === 'number') {
+    if (Number.isInteger(signal) && signal >= 1 && signal <= MAX_SIGNAL) return signal;
+    throw new TypeError(`kill: signal must be a name such as 'SIGTERM' or a number from 1 to ${MAX_SIGNAL}, got ${signal}`);
+  }
+  const number = (constants.signals as Record<string, number | undefined>)[signal];
+  if (number === undefined) throw new TypeError(`kill: unknown signal ${JSON.stringify(signal)}`);
+  return number;
+}

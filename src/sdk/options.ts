@@ -1,0 +1,154 @@
+/**
+ * exec()'s options, checked and resolved into the lifecycle's request and dependencies
+ * (src/exec/run.ts): sizes and limits, the environment, --add-dir specs, a launch plan, a template.
+ * Every problem is an MvmError found before any VM starts.
+ */
+import { accelChoice, ACCEL_CHOICES, type AccelChoice } from '../accel/index.js';
+import { BACKEND_CHOICES, selectBackend, type Backend, type BackendChoice } from '../backends/index.js';
+import { parseAddDirSpec, validateAddDirs } from '../dirsync/index.js';
+import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, defaultBootImage, type DefaultImageOptions } from '../exec/default-image.js';
+import type { ExecDeps, ExecRequest } from '../exec/run.js';
+import { ENV_KEY_RULE, isValidEnvKey, mergeEnv } from '../launchplan/env.js';
+import type { LaunchPlan } from '../launchplan/index.js';
+import { requireTemplate, templateBootImage } from '../templates/index.js';
+import { bootTimeoutFromEnv, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
+
+/** A host directory in the guest: `'HOST:GUEST[:ro|rw]'` as `--add-dir` takes it, or its parts. ro is the default. */
+export type AddDir = string | { host: string; guest: string; mode?: 'ro' | 'rw' };
+
+export interface ExecOptions {
+  /** Environment variables of the command, on top of the guest's PATH and HOME; nothing from the host's leaks in. */
+  env?: Readonly<Record<string, string>>;
+  /** Absolute working directory in the guest (default `/`; a launch plan's `working_dir`, created if missing). */
+  cwd?: string;
+  /** Virtual CPUs, 1–64 (default 2, or the template's). */
+  cpus?: number;
+  /** Guest memory: `'1G'`, `'768M'`, or a number of MiB (default 512, or the template's). */
+  memory?: string | number;
+  /** Seconds before the command's process group is killed and `exited` gives 124 (default 60). */
+  timeout?: number;
+  /** Host directories to mount in the guest; rw ones are synced back after the command exits. */
+  addDirs?: readonly AddDir[];
+  /** Boot this template (`mvmctl template build NAME`) instead of the default image. */
+  template?: string;
+  /** Boot cold even when the image or template has a snapshot. */
+  noSnapshot?: boolean;
+  /** Default: `MVM_ACCEL`, else auto (KVM where it can run the guest, else TCG). */
+  accel?: AccelChoice;
+  backend?: BackendChoice;
+  /** Run the entrypoint of this launch.json or single-app Workload IR manifest; argv must then be empty. */
+  launchPlan?: string;
+  /** Give the command a stdin stream (`handle.stdin`); otherwise its stdin is /dev/null. */
+  stdin?: boolean;
+  /** Aborting it tears the VM down; `exited` then rejects with its reason. */
+  signal?: AbortSignal;
+  /** Progress of long work (building the default image, syncing large directories), one line each. */
+  onProgress?: (line: string) => void;
+  /** Warnings, one line each (the CLI prints them as `mvmctl: …`); with `verbose` also timings and the guest console. */
+  onWarning?: (line: string) => void;
+  verbose?: boolean;
+}
+
+/** Where VMs come from: the real backends and default image, or a test's stand-ins. */
+export interface VmProvider {
+  backend: (choice: BackendChoice) => Backend;
+  defaultImage: (options: DefaultImageOptions) => ExecDeps['ensureImage'];
+}
+
+export const qemuProvider: VmProvider = { backend: selectBackend, defaultImage: defaultBootImage };
+
+export interface ResolvedExec {
+  request: ExecRequest;
+  deps: ExecDeps;
+}
+
+/** Checks `options` (cheap checks first, files and templates after) and resolves what to run and boot. */
+export async function resolveExec(argv: readonly string[], options: ExecOptions, provider: VmProvider, log: (line: string) => void): Promise<ResolvedExec> {
+  const env = checkEnv(options.env ?? {});
+  const cpus = options.cpus === undefined ? undefined : integerIn(options.cpus, CPUS_RANGE, 'cpus');
+  const memoryMiB = options.memory === undefined ? undefined : parseMemory(options.memory, 'memory');
+  const timeoutSeconds = integerIn(options.timeout ?? DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE, 'timeout');
+  checkCommand(argv, options.launchPlan);
+  if (options.cwd !== undefined) checkGuestString('cwd', options.cwd, { absolute: true });
+  checkChoice('accel', options.accel, ACCEL_CHOICES);
+  const backendChoice = checkChoice('backend', options.backend, BACKEND_CHOICES) ?? 'auto';
+  const addDirSpecs = (options.addDirs ?? []).map(addDirSpec);
+
+  // Loaded on use: the schema library costs a noticeable part of every exec's start-up.
+  const plan: LaunchPlan | undefined = options.launchPlan === undefined ? undefined : await (await import('../launchplan/index.js')).loadLaunchPlan(options.launchPlan);
+  const addDirs = addDirSpecs.map((spec) => parseAddDirSpec(spec, process.cwd()));
+  validateAddDirs(addDirs);
+  const backend = provider.backend(backendChoice);
+  // A template brings its own default size; sizes given in the options win.
+  const template = options.template === undefined ? undefined : await requireTemplate(options.template);
+  const size = {
+    cpus: cpus ?? template?.meta.cpus ?? DEFAULT_CPUS,
+    memoryMiB: memoryMiB ?? template?.meta.memoryMiB ?? DEFAULT_MEMORY_MIB,
+  };
+  const bootTimeoutMs = bootTimeoutFromEnv();
+  const accel = accelChoice(options.accel);
+
+  const snapshotRequest = { ...size, addDirs: addDirs.length, noSnapshot: options.noSnapshot ?? false };
+  const ensureImage = template
+    ? async () => templateBootImage(template, backend, snapshotRequest)
+    : provider.defaultImage({ backend, request: snapshotRequest, bootTimeoutMs, log });
+  if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
+  return {
+    request: {
+      argv: plan?.argv ?? [...argv],
+      // Lowest to highest precedence: the plan's env (app/top-level < entrypoint), then the options'.
+      env: mergeEnv(plan?.env ?? {}, env),
+      // A plan's working_dir is created when missing, as a container's WORKDIR would be; a cwd given here is not.
+      cwd: options.cwd ?? plan?.cwd,
+      createCwd: options.cwd === undefined && plan !== undefined,
+      ...size,
+      timeoutSeconds,
+      interactive: options.stdin ?? false,
+      addDirs,
+    },
+    deps: { backend, ensureImage, bootTimeoutMs, accel },
+  };
+}
+
+function checkEnv(env: Readonly<Record<string, string>>): Record<string, string> {
+  if (typeof env !== 'object' || env === null || Array.isArray(env)) throw new InvalidOptionError('env', 'expected an object of KEY: value strings');
+  for (const [key, value] of Object.entries(env)) {
+    if (!isValidEnvKey(key)) throw new InvalidOptionError('env', `variable name ${JSON.stringify(key)} ${ENV_KEY_RULE}`);
+    checkGuestString(`env.${key}`, value);
+  }
+  return { ...env };
+}
+
+function checkCommand(argv: readonly string[], launchPlan: string | undefined): void {
+  if (!Array.isArray(argv)) throw new InvalidOptionError('argv', 'expected an array of strings, e.g. [\'uname\', \'-a\']');
+  if (launchPlan !== undefined) {
+    if (argv.length > 0) throw new InvalidOptionError('launchPlan', 'the launch plan supplies the command: give either it or a non-empty argv, not both');
+    return;
+  }
+  if (argv.length === 0) throw new InvalidOptionError('argv', "no command given: pass the command and its arguments, e.g. ['uname', '-a'] (or the launchPlan option)");
+  argv.forEach((arg, index) => checkGuestString(`argv[${index}]`, arg));
+}
+
+/** Strings travel to the guest agent as C strings: a NUL would be refused only once the VM is up. */
+function checkGuestString(option: string, value: unknown, { absolute = false } = {}): void {
+  if (typeof value !== 'string') throw new InvalidOptionError(option, `expected a string, got ${value === null ? 'null' : typeof value}`);
+  if (value.includes('\0')) throw new InvalidOptionError(option, 'contains a NUL byte, which cannot reach the guest');
+  if (absolute && !value.startsWith('/')) throw new InvalidOptionError(option, `'${value}' is not an absolute guest path`);
+}
+
+function checkChoice<T extends string>(option: string, value: T | undefined, choices: readonly T[]): T | undefined {
+  if (value === undefined || choices.includes(value)) return value;
+  throw new InvalidOptionError(option, `'${String(value)}' is not one of ${choices.join(', ')}`);
+}
+
+/** An AddDir as the `HOST:GUEST[:ro|rw]` spec parseAddDirSpec takes (and its messages quote). */
+function addDirSpec(dir: AddDir): string {
+  if (typeof dir === 'string') return dir;
+  if (typeof dir !== 'object' || dir === null) throw new InvalidOptionError('addDirs', "expected 'HOST:GUEST[:ro|rw]' strings or { host, guest, mode } objects");
+  const { host, guest, mode = 'ro' } = dir;
+  if (typeof host !== 'string' || typeof guest !== 'string') throw new InvalidOptionError('addDirs', 'host and guest must be strings');
+  if (mode !== 'ro' && mode !== 'rw') throw new InvalidOptionError('addDirs', `mode must be ro or rw, got '${String(mode)}'`);
+  // The spec's GUEST is its last field but for the mode; a colon in it would shift the fields.
+  if (guest.includes(':')) throw new InvalidOptionError('addDirs', `guest path '${guest}' may not contain ':'`);
+  return `${host}:${guest}:${mode}`;
+}
