@@ -7,7 +7,6 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { QemuBackend, agentSocketPath, hostTscKhz, qemuArgs } from '../src/backends/qemu/index.js';
 import { accelChoice, type Accel } from '../src/accel/index.js';
 import { planBootAccel } from '../src/exec/boot.js';
@@ -15,34 +14,15 @@ import { benchRoundTrip } from '../src/dirsync/index.js';
 import { writeCpio } from '../src/image/cpio.js';
 import { ensureDefaultImage, type GuestImage } from '../src/image/index.js';
 import { AgentSession } from '../src/protocol/index.js';
+import { median, mvmctl, report, run, RUNS, timed } from './measure.js';
+import { restoredFastPaths } from './restored.js';
 
-const repoRoot = fileURLToPath(new URL('../../', import.meta.url));
-const mvmctl = join(repoRoot, 'bin', 'mvmctl');
-const RUNS = Number(process.env.BENCH_RUNS || 7);
 const MEMORY_MIB = 512;
 const CPUS = 2;
 const THROUGHPUT_BYTES = 100_000_000;
 
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
-}
 
-function run(command: string, args: string[], env: NodeJS.ProcessEnv = process.env, onStdout?: (chunk: Buffer) => void): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { env, stdio: ['ignore', 'pipe', 'inherit'] });
-    child.stdout.on('data', (chunk: Buffer) => onStdout?.(chunk));
-    child.on('error', reject);
-    child.on('close', (code) => (code === 0 ? resolve(code) : reject(new Error(`${command} ${args.join(' ')} exited ${code}`))));
-  });
-}
 
-async function timed(work: () => Promise<unknown>): Promise<number> {
-  const start = performance.now();
-  await work();
-  return (performance.now() - start) / 1000;
-}
 
 /** A bare initramfs: busybox and an init that runs `script`, then reboots (ends QEMU under -no-reboot). */
 function bareInitramfs(script: string): Buffer {
@@ -239,13 +219,6 @@ async function addDirRoundTrip(work: string): Promise<void> {
   report('--add-dir rw 100 MB/1000 files, added to exec wall (s)', added, 'same steps by hand', steps.byHandMs / 1000, 1.3);
 }
 
-function report(what: string, value: number, baselineName: string, baseline: number, target: number | undefined): void {
-  const ratio = value / baseline;
-  console.log(
-    `${what}: ${value.toFixed(3)} vs ${baselineName}: ${baseline.toFixed(3)} -> ratio ${ratio.toFixed(2)}` +
-      (target === undefined ? '' : ` (target <= ${target.toFixed(2)})`),
-  );
-}
 
 let accel: Accel = 'tcg';
 const work = await mkdtemp(join(tmpdir(), 'mvm-bench-'));
@@ -260,6 +233,7 @@ try {
   await throughput(image, work);
   await snapshotExec(work);
   await addDirRoundTrip(work);
+  await restoredFastPaths(work);
 } finally {
   await rm(work, { recursive: true, force: true });
 }

@@ -1,0 +1,37 @@
+// What every benchmark shares: the CLI under test, interleaved runs, medians, and one report line.
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const repoRoot = fileURLToPath(new URL('../../', import.meta.url));
+export const mvmctl = join(repoRoot, 'bin', 'mvmctl');
+export const RUNS = Number(process.env.BENCH_RUNS || 7);
+
+export function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+}
+
+export function run(command: string, args: string[], env: NodeJS.ProcessEnv = process.env, onStdout?: (chunk: Buffer) => void): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { env, stdio: ['ignore', 'pipe', 'inherit'] });
+    child.stdout.on('data', (chunk: Buffer) => onStdout?.(chunk));
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolve(code) : reject(new Error(`${command} ${args.join(' ')} exited ${code}`))));
+  });
+}
+
+export async function timed(work: () => Promise<unknown>): Promise<number> {
+  const start = performance.now();
+  await work();
+  return (performance.now() - start) / 1000;
+}
+
+export function report(what: string, value: number, baselineName: string, baseline: number, target: number | undefined): void {
+  const ratio = value / baseline;
+  console.log(
+    `${what}: ${value.toFixed(3)} vs ${baselineName}: ${baseline.toFixed(3)} -> ratio ${ratio.toFixed(2)}` +
+      (target === undefined ? '' : ` (target <= ${target.toFixed(2)})`),
+  );
+}
