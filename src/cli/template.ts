@@ -10,6 +10,7 @@ import { buildTemplate, listTemplates, removeTemplate, requireTemplate, template
 import { accelChoice, type AccelChoice } from '../accel/index.js';
 import { accelOption, bootTimeoutFromEnv, logLine, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
+import { table } from './table.js';
 
 function mib(bytes: number): string {
   return `${(bytes / 1048576).toFixed(1)} MiB`;
@@ -65,11 +66,6 @@ async function summary(template: Template) {
             }
           : null,
   };
-}
-
-function table(rows: string[][]): string {
-  const widths = rows[0].map((_, column) => Math.max(...rows.map((row) => row[column].length)));
-  return rows.map((row) => row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]))).join('  ')).join('\n') + '\n';
 }
 
 /** `mvmctl template build|ls|info|rm|snapshot`: registered images for `exec --manifest NAME`. */

@@ -2,6 +2,7 @@ import { Command } from 'commander';
 import { recoverInterruptedSyncs } from '../dirsync/index.js';
 import { listVms, stopVm } from '../state/registry.js';
 import { logLine } from './parse.js';
+import { table } from './table.js';
 import { MvmError } from '../errors.js';
 
 function age(startedAt: string): string {
@@ -9,11 +10,6 @@ function age(startedAt: string): string {
   if (seconds < 120) return `${seconds}s`;
   if (seconds < 7200) return `${Math.round(seconds / 60)}m`;
   return `${Math.round(seconds / 3600)}h`;
-}
-
-function table(rows: string[][]): string {
-  const widths = rows[0].map((_, column) => Math.max(...rows.map((row) => row[column].length)));
-  return rows.map((row) => row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]))).join('  ')).join('\n') + '\n';
 }
 
 export function lsCommand(): Command {

@@ -3,20 +3,20 @@
  * booted guest kept in the image's own directory, so that it is invalidated whenever the image is.
  * The snapshot is taken by `mvmctl image build`, or by the first exec that can use it.
  */
+import { join } from 'node:path';
 import type { AccelPlan } from '../accel/index.js';
 import type { Backend } from '../backends/types.js';
 import { ensureDefaultImage, type GuestImage } from '../image/index.js';
 import { withLock } from '../image/lock.js';
 import type { Progress } from '../progress.js';
 import { captureSnapshot, decideSnapshot, SnapshotBootError, type SnapshotRequest, type SnapshotSubject } from '../snapshots/index.js';
-import { join } from 'node:path';
 import type { BootImage, SnapshotChoice } from './run.js';
 
 /** exec's sizes when none are given; the default image's snapshot is taken at these. */
 export const DEFAULT_CPUS = 2;
 export const DEFAULT_MEMORY_MIB = 512;
 
-export function defaultImageSubject(image: GuestImage): SnapshotSubject {
+function defaultImageSubject(image: GuestImage): SnapshotSubject {
   return {
     label: 'the default image',
     retake: 'mvmctl image build --force',
