@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { QemuBackend, agentSocketPath, hostTscKhz, qemuArgs } from '../src/backends/qemu/index.js';
 import { accelChoice, type Accel } from '../src/accel/index.js';
-import { planBootAccel } from '../src/exec/boot.js';
+import { planBootAccel } from '../src/vm/index.js';
 import { benchRoundTrip } from '../src/dirsync/index.js';
 import { writeCpio } from '../src/image/cpio.js';
 import { ensureDefaultImage, type GuestImage } from '../src/image/index.js';

@@ -9,19 +9,30 @@ export interface DriveSpec {
 
 /**
  * A template's root file system drive. The guest finds it by its serial (`mvmroot`), not by its
- * position. With `copyOnWrite` the guest's writes go to a throwaway overlay that dies with the VM
- * (QEMU `snapshot=on`): the file itself is never written, so many VMs can share it.
+ * position. With `copyOnWrite` the guest's writes go to a throwaway layer that dies with the VM
+ * (QEMU: `snapshot=on`; Firecracker: a per-VM copy): the file itself is never written, so many VMs
+ * can share it. A raw image, unless the backend made it itself (`createSnapshotDisk`).
  */
 export interface RootDriveSpec {
   path: string;
-  format: 'raw' | 'qcow2';
   copyOnWrite: boolean;
 }
 
-/** Guest RAM backed by a file: `shared` (writes land in the file) to capture a snapshot, private copy-on-write to restore one. */
-export interface MemoryFileSpec {
-  path: string;
-  shared: boolean;
+/**
+ * The files of a snapshot, in the directory `SnapshotSpec.dir`, written by the backend's
+ * `saveSnapshot` and read by its restore. Their format is the backend's own.
+ */
+export const SNAPSHOT_FILES = { memory: 'ram', state: 'state' } as const;
+
+/**
+ * `capture`: the VM is booted so that `saveSnapshot` can write a snapshot into `dir`.
+ * `restore`: the VM is started from the snapshot in `dir` instead of booting (the spec must
+ * otherwise match the captured VM's, drives by position); the files are never written, so any
+ * number of VMs can restore one snapshot at once.
+ */
+export interface SnapshotSpec {
+  mode: 'capture' | 'restore';
+  dir: string;
 }
 
 export interface VmSpec {
@@ -40,14 +51,7 @@ export interface VmSpec {
   drives: readonly DriveSpec[];
   /** A template's root drive (attached before `drives`, serial `mvmroot`). */
   rootDrive?: RootDriveSpec;
-  /** Guest RAM in a file instead of anonymous memory (snapshots). */
-  memoryFile?: MemoryFileSpec;
-  /**
-   * Restore: the device state file of a snapshot. The VMM starts waiting for it; call
-   * `RunningVm.finishRestore` to load it and resume the guest. Needs `memoryFile` (private) with
-   * the snapshot's RAM and otherwise the same spec as the VM the snapshot was taken from.
-   */
-  incomingState?: string;
+  snapshot?: SnapshotSpec;
   /** Receives each line the guest prints on its serial console (the kernel log, init, the agent's diagnostics). */
   onConsoleLine?: (line: string) => void;
 }
@@ -57,6 +61,8 @@ export interface BackendCapabilities {
   accels: readonly Accel[];
   snapshots: boolean;
   vsock: boolean;
+  /** A restore can attach a drive read-only at the host's block layer although the captured VM had it writable. */
+  restoredDrivesReadOnly: boolean;
 }
 
 export interface VmExit {
@@ -87,13 +93,12 @@ export interface RunningVm {
   connectAgent(signal: AbortSignal): Promise<Duplex>;
   /** The last lines of the guest console, for diagnosing a failed boot. */
   consoleTail(maxLines: number): string[];
-  /**
-   * Snapshot capture (needs a shared `memoryFile`): pauses the guest, writes its device state to
-   * `statePath` and ends the VMM. The RAM file then holds the guest's memory.
-   */
-  saveSnapshot?(statePath: string, signal: AbortSignal): Promise<void>;
-  /** Restore (spec had `incomingState`): loads the device state and resumes the guest. */
-  finishRestore?(signal: AbortSignal): Promise<void>;
+  /** How the host reaches the agent, for `-v`: e.g. `vsock`, `virtio-serial port`. */
+  readonly agentChannel: string;
+  /** Capture (spec had `snapshot.mode` capture): pauses the guest, writes the snapshot and ends the VMM. */
+  saveSnapshot?(signal: AbortSignal): Promise<void>;
+  /** Asks the guest's kernel to stop (Ctrl-Alt-Del), for a guest whose agent did not power it off; resolves when it ended or gave up. */
+  requestShutdown?(): Promise<void>;
   /** Kills the VMM if it is still running and waits for it to be gone. Idempotent. */
   kill(): Promise<VmExit>;
 }
@@ -101,7 +106,16 @@ export interface RunningVm {
 export interface Backend {
   readonly name: 'qemu' | 'firecracker';
   capabilities(): BackendCapabilities;
+  /**
+   * Starts the VMM: boots the guest, or with `snapshot.mode` restore, loads the snapshot and
+   * resumes it (resolving once the guest runs again). A failed start kills the VMM before it throws.
+   */
   start(spec: VmSpec, signal: AbortSignal): Promise<RunningVm>;
+  /**
+   * Makes in `dir` the disk a snapshot of a VM with root drive `base` is taken with: the captured
+   * guest writes to it, `base` is never written. Returns its path.
+   */
+  createSnapshotDisk?(base: string, dir: string, signal: AbortSignal): Promise<string>;
   /** Identifies the VMM build a snapshot is tied to (e.g. `QEMU emulator version 7.2.22 …`). */
   vmmVersion?(): Promise<string>;
   /** The VMM binary's path, size and mtime: a cheap check that it is the build `vmmVersion` reported before. */

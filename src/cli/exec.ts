@@ -16,7 +16,7 @@ interface ExecFlags {
   timeout: number;
   env: string[];
   interactive?: boolean;
-  backend: BackendChoice;
+  backend?: BackendChoice;
   accel?: AccelChoice;
   verbose?: boolean;
   launchPlan?: string;
@@ -36,7 +36,7 @@ export function execCommand(): Command {
     .option('--timeout <seconds>', 'kill the command (exit 124) after this many seconds', parseIntegerIn(TIMEOUT_SECONDS_RANGE.min, TIMEOUT_SECONDS_RANGE.max), DEFAULT_TIMEOUT_SECONDS)
     .option('-e, --env <KEY=VALUE>', 'set an environment variable in the guest (repeatable)', collect, [])
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
-    .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES).default('auto'))
+    .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES))
     .addOption(accelOption())
     .option('-v, --verbose', 'show the guest console and timings on stderr')
     .option('--add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back after a clean exit (repeatable)', collect, [])

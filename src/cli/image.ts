@@ -1,7 +1,7 @@
 import { Command, Option } from 'commander';
 import { accelChoice, type AccelChoice } from '../accel/index.js';
-import { BACKEND_CHOICES, selectBackend, type BackendChoice } from '../backends/index.js';
-import { planBootAccel } from '../exec/boot.js';
+import { BACKEND_CHOICES, backendChoice, selectBackend, type BackendChoice } from '../backends/index.js';
+import { planBootAccel } from '../vm/index.js';
 import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, ensureDefaultSnapshot } from '../exec/default-image.js';
 import { defaultImageStatus, ensureDefaultImage, type GuestImage } from '../image/index.js';
 import { readSnapshotMeta } from '../snapshots/index.js';
@@ -54,12 +54,12 @@ export function imageCommand(): Command {
     .option('--kernel <path>', 'use this uncompressed vmlinux instead of building one (also MVM_KERNEL)')
     .option('--force', 'rebuild the initramfs even when it is up to date, and retake its snapshot')
     .option('--no-snapshot', 'do not take the snapshot exec restores from (the first exec that can use it will)')
-    .addOption(new Option('--backend <name>', 'VMM to take the snapshot with').choices(BACKEND_CHOICES).default('auto'))
+    .addOption(new Option('--backend <name>', 'VMM to take the snapshot with').choices(BACKEND_CHOICES))
     .addOption(accelOption())
     .option('-v, --verbose', 'show progress even when stderr is not a terminal')
-    .action(async (options: { kernel?: string; force?: boolean; snapshot: boolean; backend: BackendChoice; accel?: AccelChoice; verbose?: boolean }) => {
+    .action(async (options: { kernel?: string; force?: boolean; snapshot: boolean; backend?: BackendChoice; accel?: AccelChoice; verbose?: boolean }) => {
       const progress = progressReporter({ force: options.verbose });
-      const backend = selectBackend(options.backend);
+      const backend = selectBackend(backendChoice(options.backend));
       const choice = accelChoice(options.accel);
       process.exitCode = await runInterruptibly(async (signal) => {
         const built = await ensureDefaultImage({ progress, signal, kernelPath: options.kernel, force: options.force });

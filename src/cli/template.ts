@@ -1,10 +1,10 @@
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Command, Option } from 'commander';
-import { BACKEND_CHOICES, selectBackend, type BackendChoice } from '../backends/index.js';
+import { BACKEND_CHOICES, backendChoice, selectBackend, type BackendChoice } from '../backends/index.js';
 import { MvmError } from '../errors.js';
 import { progressReporter } from '../progress.js';
-import { planBootAccel } from '../exec/boot.js';
+import { planBootAccel } from '../vm/index.js';
 import { captureSnapshot, readSnapshotMeta, removeSnapshot, verifySnapshot, type SnapshotMeta } from '../snapshots/index.js';
 import { buildTemplate, listTemplates, removeTemplate, requireTemplate, templateSubject, vmsUsing, type Template } from '../templates/index.js';
 import { accelChoice, type AccelChoice } from '../accel/index.js';
@@ -83,16 +83,16 @@ export function templateCommand(): Command {
     .option('--memory <size>', 'default guest memory for this template', parseMemory, 512)
     .option('--disk-free <size>', 'free space in the root file system for the guest to write into (sparse)', parseMemory, 1024)
     .option('--snapshot', 'boot the template once and capture a snapshot that exec restores from')
-    .addOption(new Option('--backend <name>', 'VMM to use for the snapshot').choices(BACKEND_CHOICES).default('auto'))
+    .addOption(new Option('--backend <name>', 'VMM to use for the snapshot').choices(BACKEND_CHOICES))
     .addOption(accelOption())
     .option('-v, --verbose', 'show progress even when stderr is not a terminal')
     .action(
       async (
         name: string,
-        options: { rootfsDir?: string; rootfsTar?: string; kernel?: string; cpus: number; memory: number; diskFree: number; snapshot?: boolean; backend: BackendChoice; accel?: AccelChoice; verbose?: boolean },
+        options: { rootfsDir?: string; rootfsTar?: string; kernel?: string; cpus: number; memory: number; diskFree: number; snapshot?: boolean; backend?: BackendChoice; accel?: AccelChoice; verbose?: boolean },
       ) => {
         const progress = progressReporter({ force: options.verbose });
-        const backend = selectBackend(options.backend);
+        const backend = selectBackend(backendChoice(options.backend));
         const accel = accelChoice(options.accel);
         process.exitCode = await runInterruptibly(async (signal) => {
           const built = await buildTemplate({
@@ -190,16 +190,16 @@ export function templateCommand(): Command {
     .description('boot the template once, wait for its agent, and capture a snapshot that exec --manifest restores from')
     .argument('<name>')
     .option('--rm', 'remove the template’s snapshot instead')
-    .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES).default('auto'))
+    .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES))
     .addOption(accelOption())
     .option('-v, --verbose', 'show progress even when stderr is not a terminal')
-    .action(async (name: string, options: { rm?: boolean; backend: BackendChoice; accel?: AccelChoice; verbose?: boolean }) => {
+    .action(async (name: string, options: { rm?: boolean; backend?: BackendChoice; accel?: AccelChoice; verbose?: boolean }) => {
       const t = await requireTemplate(name);
       if (options.rm) {
         if (!(await removeSnapshot(t.dir))) throw new MvmError(`template '${name}' has no snapshot`, 1);
         return;
       }
-      const backend = selectBackend(options.backend);
+      const backend = selectBackend(backendChoice(options.backend));
       const accel = accelChoice(options.accel);
       const progress = progressReporter({ force: options.verbose });
       process.exitCode = await runInterruptibly(async (signal) => {

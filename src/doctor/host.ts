@@ -2,7 +2,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { accelChoice, type AccelChoice, inspectKvmHost, readVerdict, type VerdictKey } from '../accel/index.js';
 import { selectBackend } from '../backends/index.js';
-import { verdictKeyFor } from '../exec/boot.js';
+import { verdictKeyFor } from '../vm/index.js';
 import { defaultImageStatus } from '../image/index.js';
 import type { Check } from './checks.js';
 

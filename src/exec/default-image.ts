@@ -10,7 +10,7 @@ import { ensureDefaultImage, type GuestImage } from '../image/index.js';
 import { withLock } from '../image/lock.js';
 import type { Progress } from '../progress.js';
 import { captureSnapshot, decideSnapshot, SnapshotBootError, type SnapshotRequest, type SnapshotSubject } from '../snapshots/index.js';
-import type { BootImage, SnapshotChoice } from './run.js';
+import type { BootImage, SnapshotChoice } from '../vm/index.js';
 
 /** exec's sizes when none are given; the default image's snapshot is taken at these. */
 export const DEFAULT_CPUS = 2;

@@ -1,17 +1,16 @@
 import type { Readable, Writable } from 'node:stream';
-import { rm, truncate, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { truncate } from 'node:fs/promises';
 import { finished } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { driveSerial } from '../backends/drives.js';
-import type { Backend, RootDriveSpec, RunningVm, VmSpec } from '../backends/types.js';
+import type { Backend, RunningVm, VmSpec } from '../backends/types.js';
 import { recoverInterruptedSyncs, stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
 import { MvmError } from '../errors.js';
 import type { Progress } from '../progress.js';
 import { EXIT_TIMED_OUT, exitStatusToCode, type AgentSession, type ExecHandle, type ExitStatus } from '../protocol/index.js';
-import { createVmDir, listVms, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord, type VmRecord } from '../state/registry.js';
-import type { Accel, AccelChoice, AccelPlan } from '../accel/index.js';
-import { bootVm, openAgentSession, planBootAccel } from './boot.js';
+import { listVms } from '../state/registry.js';
+import type { Accel, AccelChoice } from '../accel/index.js';
+import { bootVm, openAgentSession, OwnedVm, planBootAccel, type BootImage, type RestorePlan, type SnapshotChoice } from '../vm/index.js';
 
 export interface ExecRequest {
   argv: string[];
@@ -40,49 +39,6 @@ export interface ExecIo {
   /** Called once the agent has started the command: its `signal(signo)` reaches the command's process group. */
   onCommandStarted?: (command: Pick<ExecHandle, 'signal'>) => void;
 }
-
-/**
- * What to boot: the default image (src/exec/default-image.ts) or a template (src/templates/), which
- * adds a root drive; either may offer a snapshot to restore instead of booting.
- */
-export interface BootImage {
-  kernel: string;
-  /** The kernel's sha256: KVM's verdict on a host is kept per guest kernel. */
-  kernelSha256: string;
-  initrd?: string;
-  kernelArgs: readonly string[];
-  rootDrive?: RootDriveSpec;
-  /** Starts lines about the image: `template NAME`, `the default image`. */
-  label?: string;
-  /** Name and directory of the template, recorded in the VM's directory so `template rm` sees it is in use. */
-  template?: { name: string; dir: string };
-  /** Whether a snapshot fits this run under `accel`; tried before a cold boot. */
-  chooseSnapshot?: (accel: AccelPlan, signal: AbortSignal) => Promise<SnapshotChoice>;
-}
-
-export interface SnapshotChoice {
-  plan?: RestorePlan;
-  /** The snapshot is unusable (damaged, stale, another accelerator): one warning line, then a cold boot. */
-  warning?: string;
-  /** This request rules a snapshot out (--no-snapshot, --add-dir, other sizes): shown with -v. */
-  note?: string;
-}
-
-export interface RestorePlan {
-  /** The accelerator the snapshot was taken under. */
-  accel: Accel;
-  /** Guest RAM, mapped copy-on-write: the file is never written. */
-  memoryFile: string;
-  /** Device state written by the VMM when the snapshot was taken. */
-  stateFile: string;
-  /** The root drive as the snapshot saw it (its disk state at capture time), again copy-on-write. */
-  rootDrive?: RootDriveSpec;
-  /** Empty drives the snapshot was taken with; `--add-dir` images take their places, in order. */
-  driveSlots: { paths: string[]; slotBytes: number };
-}
-
-/** Name of the file in a VM's directory naming the template directory it runs from. */
-export const TEMPLATE_MARKER_FILE = 'template';
 
 export interface ExecDeps {
   backend: Backend;
@@ -125,8 +81,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   // sync-back such a run left half applied is finished or rolled back.
   await listVms();
   await recoverInterruptedSyncs(io.log);
-  const name = newVmName();
-  const runDir = await createVmDir(name);
+  const owned = await OwnedVm.create(deps.backend, { command: request.argv, templateDir: image.template?.dir });
   let vm: RunningVm | undefined;
   let session: AgentSession | undefined;
   // rw directories whose guest changes have not been brought back (yet): reported as discarded if the run ends early.
@@ -135,19 +90,13 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   const guestDeadline = new AbortController();
   let guestTimer: NodeJS.Timeout | undefined;
   try {
-    const record = ownVmRecord({ name, backend: deps.backend.name, command: request.argv, runDir });
-    await writeVmRecord(record);
-    if (image.template) await writeFile(join(runDir, TEMPLATE_MARKER_FILE), image.template.dir + '\n');
-
     const staged: StagedDir[] = [];
     for (const spec of request.addDirs) {
-      staged.push(await stageAddDir(spec, runDir, { progress: io.progress, signal }));
+      staged.push(await stageAddDir(spec, owned.runDir, { progress: io.progress, signal }));
     }
     if (staged.length > 0) timings.mark('directories staged');
 
-    const spec: Omit<VmSpec, 'accel'> = {
-      name,
-      runDir,
+    const spec: Omit<VmSpec, 'accel' | 'name' | 'runDir'> = {
       kernel: image.kernel,
       initrd: image.initrd,
       kernelArgs: image.kernelArgs,
@@ -169,9 +118,9 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     const choice: SnapshotChoice = image.chooseSnapshot ? await image.chooseSnapshot(accel, guestSignal) : {};
     if (choice.warning) io.log(choice.warning);
     else if (choice.note && io.verbose) io.log(choice.note);
-    const snapshot = choice.plan && (await fitDriveSlots(choice.plan, staged, io));
+    const snapshot = choice.plan && (await fitDriveSlots(choice.plan, staged, deps.backend, io));
     if (snapshot) {
-      const restore = await restoreSnapshot(deps.backend, { ...spec, accel: accel.accel }, snapshot, record, guestSignal);
+      const restore = await restoreSnapshot(owned, { ...spec, accel: accel.accel }, snapshot, guestSignal);
       if ('session' in restore) {
         ({ vm, session } = restore);
         timings.mark(`restored from snapshot, agent ready (${session.agentVersion})`);
@@ -181,20 +130,16 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
       }
     }
     if (!session || !vm) {
-      const booted = await bootVm(deps.backend, spec, {
+      const booted = await bootVm(owned, spec, {
         accel,
         signal: guestSignal,
         timeoutMs: deps.bootTimeoutMs,
         guest: 'the guest',
         timeoutHint: 'raise MVM_BOOT_TIMEOUT if the host is very slow',
         log: io.log,
-        onVmmStarted: async (started) => {
-          await recordVmm(record, started.vmmPid);
-          timings.mark('VMM started');
-        },
       });
       ({ vm, session } = booted);
-      timings.mark(`agent ready (${session.agentVersion}, ${accelName(booted.accel)})`);
+      timings.mark(`agent ready (${session.agentVersion}, ${accelName(booted.accel)}, over ${vm.agentChannel})`);
     }
 
     for (const [index, dir] of staged.entries()) {
@@ -233,9 +178,8 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     throw error;
   } finally {
     clearTimeout(guestTimer);
-    await vm?.kill();
+    await owned.release();
     for (const dir of pendingSync) io.log(`--add-dir ${dir.spec.spec}: guest changes discarded, ${dir.spec.hostPath} left as it was`);
-    await removeVmDir(runDir);
   }
 }
 
@@ -248,7 +192,12 @@ function accelName(accel: Accel): string {
  * the slot's size, which the restored guest already knows its device to have; its file system
  * stays as built. An image bigger than a slot means a cold boot, noted with -v.
  */
-async function fitDriveSlots(plan: RestorePlan, staged: readonly StagedDir[], io: ExecIo): Promise<RestorePlan | undefined> {
+async function fitDriveSlots(plan: RestorePlan, staged: readonly StagedDir[], backend: Backend, io: ExecIo): Promise<RestorePlan | undefined> {
+  const readOnly = staged.find((dir) => dir.readOnly);
+  if (readOnly && !backend.capabilities().restoredDrivesReadOnly) {
+    if (io.verbose) io.log(`snapshot not used: the ${backend.name} backend cannot attach --add-dir ${readOnly.spec.spec} read-only to a restored VM`);
+    return undefined;
+  }
   const tooBig = staged.find((dir) => dir.imageBytes > plan.driveSlots.slotBytes);
   if (tooBig) {
     if (io.verbose) io.log(`snapshot not used: the image of --add-dir ${tooBig.spec.spec} is larger than a drive slot (${plan.driveSlots.slotBytes / 1024 ** 3} GiB)`);
@@ -264,41 +213,29 @@ async function fitDriveSlots(plan: RestorePlan, staged: readonly StagedDir[], io
  * caller can boot cold; only an abort (Ctrl-C) is thrown.
  */
 async function restoreSnapshot(
-  backend: Backend,
-  cold: VmSpec,
+  owned: OwnedVm,
+  cold: Omit<VmSpec, 'name' | 'runDir'>,
   plan: RestorePlan,
-  record: VmRecord,
   signal: AbortSignal,
 ): Promise<{ vm: RunningVm; session: AgentSession } | { error: string }> {
   let vm: RunningVm | undefined;
   const attempt = AbortSignal.any([signal, AbortSignal.timeout(RESTORE_TIMEOUT_MS)]);
   try {
-    vm = await backend.start(
+    vm = await owned.start(
       {
         ...cold,
         // The staged directories in their slots, the rest of the slots empty and read-only.
         drives: plan.driveSlots.paths.map((path, index) => cold.drives[index] ?? { path, readOnly: true }),
-        memoryFile: { path: plan.memoryFile, shared: false },
-        incomingState: plan.stateFile,
+        snapshot: { mode: 'restore', dir: plan.dir },
         ...(plan.rootDrive ? { rootDrive: plan.rootDrive } : {}),
       },
       attempt,
     );
-    await recordVmm(record, vm.vmmPid);
-    const started = vm;
-    if (!started.finishRestore) throw new MvmError(`the ${backend.name} backend cannot restore snapshots`);
-    const died = started.failed.then((failure): never => {
-      throw new MvmError(`${failure.reason}: ${started.consoleTail(3).join(' | ') || 'no output'}`);
-    });
-    died.catch(() => {});
-    await Promise.race([started.finishRestore.call(started, attempt), died]);
-    const session = await openAgentSession(started, { signal: attempt, timeoutMs: RESTORE_TIMEOUT_MS, guest: 'the restored guest' });
-    return { vm: started, session };
+    const session = await openAgentSession(vm, { signal: attempt, timeoutMs: RESTORE_TIMEOUT_MS, guest: 'the restored guest' });
+    return { vm, session };
   } catch (error) {
     await vm?.kill();
     if (signal.aborted) throw signal.reason;
-    // The cold boot reuses the VM directory: clear the restore attempt's sockets.
-    await Promise.all(['agent.sock', 'qmp.sock'].map((file) => rm(join(cold.runDir, file), { force: true })));
     if (attempt.aborted) return { error: `the restore took longer than ${RESTORE_TIMEOUT_MS / 1000} s` };
     return { error: (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, ' ') };
   }
@@ -375,7 +312,8 @@ async function powerOff(session: AgentSession, vm: RunningVm): Promise<void> {
     // The VM is killed below anyway; a failed power-off request changes nothing for the user.
   }
   session.close();
-  await Promise.race([vm.exited, sleep(POWEROFF_WAIT_MS, undefined, { ref: false })]);
+  const ended = await Promise.race([vm.exited.then(() => true), sleep(POWEROFF_WAIT_MS, false, { ref: false })]);
+  if (!ended) await vm.requestShutdown?.();
 }
 
 class Timings {

@@ -265,6 +265,8 @@ export class AgentSession {
   ) {
     if (stream.destroyed || stream.readableEnded) this.fail(new AgentConnectionError('the connection to the guest agent is already closed'));
     stream.on('data', (chunk: Buffer) => this.onData(chunk));
+    // A transport may come paused, its first bytes buffered (the hybrid vsock handshake does so).
+    stream.resume();
     stream.on('end', () => this.fail(new AgentConnectionError('the guest agent closed the connection')));
     stream.on('close', () => this.fail(new AgentConnectionError('the connection to the guest agent closed')));
     stream.on('error', (err: Error) =>

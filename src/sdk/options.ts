@@ -4,7 +4,7 @@
  * Every problem is an MvmError found before any VM starts.
  */
 import { accelChoice, ACCEL_CHOICES, type AccelChoice } from '../accel/index.js';
-import { BACKEND_CHOICES, selectBackend, type Backend, type BackendChoice } from '../backends/index.js';
+import { BACKEND_CHOICES, backendChoice, selectBackend, type Backend, type BackendChoice } from '../backends/index.js';
 import { parseAddDirSpec, validateAddDirs } from '../dirsync/index.js';
 import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, defaultBootImage, type DefaultImageOptions } from '../exec/default-image.js';
 import type { ExecDeps, ExecRequest } from '../exec/run.js';
@@ -71,14 +71,14 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
   checkCommand(argv, options.launchPlan);
   if (options.cwd !== undefined) checkGuestString('cwd', options.cwd, { absolute: true });
   checkChoice('accel', options.accel, ACCEL_CHOICES);
-  const backendChoice = checkChoice('backend', options.backend, BACKEND_CHOICES) ?? 'auto';
+  const backendName = backendChoice(checkChoice('backend', options.backend, BACKEND_CHOICES));
   const addDirSpecs = (options.addDirs ?? []).map(addDirSpec);
 
   // Loaded on use: the schema library costs a noticeable part of every exec's start-up.
   const plan: LaunchPlan | undefined = options.launchPlan === undefined ? undefined : await (await import('../launchplan/index.js')).loadLaunchPlan(options.launchPlan);
   const addDirs = addDirSpecs.map((spec) => parseAddDirSpec(spec, process.cwd()));
   validateAddDirs(addDirs);
-  const backend = provider.backend(backendChoice);
+  const backend = provider.backend(backendName);
   // A template brings its own default size; sizes given in the options win.
   const template = options.template === undefined ? undefined : await requireTemplate(options.template);
   const size = {

@@ -1,15 +1,13 @@
 import { mkdir, readdir, readlink, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import type { AccelPlan } from '../accel/index.js';
-import type { Backend, RunningVm } from '../backends/types.js';
+import { SNAPSHOT_FILES, type Backend, type RunningVm } from '../backends/types.js';
 import { MvmError } from '../errors.js';
-import { bootVm } from '../exec/boot.js';
 import { swapSymlink, workName } from '../fs-atomic.js';
 import { sha256File } from '../image/index.js';
 import { pidAlive } from '../image/lock.js';
 import { silentProgress, type Progress } from '../progress.js';
-import { lastLine, runTool } from '../run-tool.js';
-import { createVmDir, newVmName, ownVmRecord, recordVmm, removeVmDir, writeVmRecord } from '../state/registry.js';
+import { bootVm, OwnedVm } from '../vm/index.js';
 import { DRIVE_SLOT_BYTES, DRIVE_SLOTS, SNAPSHOT_FORMAT, SNAPSHOT_LINK, SNAPSHOT_META_FILE, subjectInputs, type SnapshotFile, type SnapshotMeta, type SnapshotSubject } from './subject.js';
 
 /** The guest did not boot to its agent: nothing snapshot-specific went wrong, and a cold boot would fail alike. */
@@ -42,36 +40,27 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
   const { backend, signal } = options;
   const progress = options.progress ?? silentProgress;
   if (!backend.capabilities().snapshots) throw new MvmError(`the ${backend.name} backend cannot take snapshots`);
-  if (!backend.vmmVersion || !backend.vmmIdentity) throw new MvmError(`the ${backend.name} backend cannot tell its version, so its snapshots could not be checked`);
+  if (!backend.vmmVersion || !backend.vmmIdentity || (subject.rootfs && !backend.createSnapshotDisk)) throw new MvmError(`the ${backend.name} backend cannot tell its version, so its snapshots could not be checked`);
   await removeSnapshotLeftovers(subject.dir);
   const work = workName('snap-');
   const snapDir = join(subject.dir, work);
   await mkdir(snapDir);
-  const name = newVmName();
-  const runDir = await createVmDir(name);
+  let owned: OwnedVm | undefined;
   let vm: RunningVm | undefined;
   let published = false;
   try {
     progress(`${subject.label}: booting it to take a snapshot`);
-    if (subject.rootfs) {
-      // Relative backing path: the subject's directory may be renamed or moved as a whole.
-      const backing = relative(snapDir, subject.rootfs.path);
-      const res = await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', backing, join(snapDir, 'disk.qcow2')], { signal, timeoutMs: 60_000 });
-      if (res.code !== 0) throw new MvmError(`qemu-img create failed: ${lastLine(res.stderr)}`);
-    }
+    const disk = subject.rootfs ? await backend.createSnapshotDisk!(subject.rootfs.path, snapDir, signal) : undefined;
     const slots = Array.from({ length: DRIVE_SLOTS }, (_, index) => `slot${index}`);
     for (const slot of slots) {
       await writeFile(join(snapDir, slot), '');
       await truncate(join(snapDir, slot), DRIVE_SLOT_BYTES);
     }
-    const record = ownVmRecord({ name, backend: backend.name, command: ['(snapshot)', subject.label], runDir });
-    await writeVmRecord(record);
+    owned = await OwnedVm.create(backend, { command: ['(snapshot)', subject.label] });
     const started = performance.now();
     const booted = await bootVm(
-      backend,
+      owned,
       {
-        name,
-        runDir,
         kernel: subject.kernel.path,
         initrd: subject.initrd.path,
         kernelArgs: subject.kernelArgs,
@@ -79,8 +68,8 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
         memoryMiB: subject.memoryMiB,
         // Writable at capture, or the guest would treat the devices as read-only for good.
         drives: slots.map((slot) => ({ path: join(snapDir, slot), readOnly: false })),
-        ...(subject.rootfs ? { rootDrive: { path: join(snapDir, 'disk.qcow2'), format: 'qcow2' as const, copyOnWrite: false } } : {}),
-        memoryFile: { path: join(snapDir, 'ram'), shared: true },
+        ...(disk ? { rootDrive: { path: disk, copyOnWrite: false } } : {}),
+        snapshot: { mode: 'capture', dir: snapDir },
       },
       {
         accel: options.accel,
@@ -88,7 +77,6 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
         timeoutMs: options.bootTimeoutMs,
         guest: `the guest of ${subject.label}`,
         log: options.log,
-        onVmmStarted: (vmm) => recordVmm(record, vmm.vmmPid),
       },
     ).catch((error: unknown) => {
       throw signal.aborted ? error : new SnapshotBootError(error);
@@ -98,7 +86,7 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
     const running = booted.vm;
     if (!running.saveSnapshot) throw new MvmError(`the ${backend.name} backend cannot take snapshots`);
     progress(`${subject.label}: agent ready after ${bootSeconds.toFixed(2)} s; saving the snapshot`);
-    await running.saveSnapshot.call(running, join(snapDir, 'state'), signal);
+    await running.saveSnapshot.call(running, signal);
     booted.session.close();
 
     const [vmmVersion, identity] = await Promise.all([backend.vmmVersion(), backend.vmmIdentity()]);
@@ -124,9 +112,9 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
         }),
       ),
       files: {
-        ram: await fileRecord(snapDir, 'ram'),
-        state: await fileRecord(snapDir, 'state'),
-        ...(subject.rootfs ? { disk: await fileRecord(snapDir, 'disk.qcow2') } : {}),
+        ram: await fileRecord(snapDir, SNAPSHOT_FILES.memory),
+        state: await fileRecord(snapDir, SNAPSHOT_FILES.state),
+        ...(disk ? { disk: await fileRecord(snapDir, relative(snapDir, disk)) } : {}),
       },
       driveSlots: { files: slots, slotBytes: DRIVE_SLOT_BYTES },
       bootSeconds,
@@ -140,7 +128,7 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
     return meta;
   } finally {
     await vm?.kill();
-    await removeVmDir(runDir);
+    await owned?.release();
     if (!published) await rm(snapDir, { recursive: true, force: true });
   }
 }

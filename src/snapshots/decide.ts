@@ -2,7 +2,7 @@ import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { AccelPlan } from '../accel/index.js';
 import type { Backend } from '../backends/types.js';
-import type { RestorePlan } from '../exec/run.js';
+import type { RestorePlan } from '../vm/index.js';
 import { sha256File } from '../image/index.js';
 import { readSnapshotMeta, SNAPSHOT_LINK, subjectInputs, type SnapshotSubject } from './subject.js';
 
@@ -91,10 +91,9 @@ export async function decideSnapshot(subject: SnapshotSubject, backend: Backend,
   return {
     plan: {
       accel: meta.accel,
-      memoryFile: join(dir, meta.files.ram.file),
-      stateFile: join(dir, meta.files.state.file),
+      dir,
       driveSlots: { paths: meta.driveSlots.files.map((slot) => join(dir, slot)), slotBytes: meta.driveSlots.slotBytes },
-      ...(meta.files.disk ? { rootDrive: { path: join(dir, meta.files.disk.file), format: 'qcow2' as const, copyOnWrite: true } } : {}),
+      ...(meta.files.disk ? { rootDrive: { path: join(dir, meta.files.disk.file), copyOnWrite: true } } : {}),
     },
   };
 }

@@ -1,13 +1,12 @@
 /**
  * What a snapshot is taken of and checked against: a template, or the default image. A subject's
  * directory holds `snapshot` (a symlink to the current `snap-*` directory) and those directories:
- *   ram          guest RAM: the VM ran with its memory in this file (memory-backend-file, share=on)
- *   state        device state, written by QEMU's migration with x-ignore-shared (RAM not copied)
- *   disk.qcow2   with a root drive: the drive as the captured guest left it (qcow2 over the root
- *                image); a restored guest's page cache and ext4 state match this disk
+ *   ram, state   guest RAM and device state, written by the backend (SNAPSHOT_FILES)
+ *   disk.*       with a root drive: the drive as the captured guest left it (the backend's
+ *                createSnapshotDisk); a restored guest's page cache and ext4 state match this disk
+ *   slot0…       empty drives the captured guest saw, for --add-dir images at restore
  *   snapshot.json SnapshotMeta
- * Restores map `ram` privately (share=off) and open `disk.qcow2` with snapshot=on: neither file is
- * ever written, so any number of restores can run from one snapshot at once.
+ * Restores never write any of these files, so any number of them can run from one snapshot at once.
  */
 import { readFile, realpath } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -22,7 +21,7 @@ export interface SnapshotSubject {
   dir: string;
   kernel: { path: string; sha256: string };
   initrd: { path: string; sha256: string };
-  /** A root drive image; its snapshot keeps a qcow2 overlay backed by it (by a path relative to dir). */
+  /** A root drive image; its snapshot keeps the disk the captured guest wrote (the backend's createSnapshotDisk). */
   rootfs?: { path: string; sha256: string };
   kernelArgs: readonly string[];
   cpus: number;

@@ -3,7 +3,6 @@ import { constants, readFileSync, type Stats } from 'node:fs';
 import { lstat, mkdir, open, readdir, rm, type FileHandle } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { optionValue } from '../backends/qemu/args.js';
 import { MvmError } from '../errors.js';
 import { writeFileAtomic } from '../fs-atomic.js';
 import { stateDir } from '../paths.js';
@@ -130,16 +129,17 @@ function commandLine(pid: number): string[] {
 }
 
 /**
- * Whether the recorded VMM is alive and is QEMU as `qemuArgs` starts it for this VM: `-name NAME`
- * and its sockets under vms/NAME/. Pid and start time only say the process exists; a planted
- * record could give those of any process.
+ * Whether the recorded VMM is alive and is the VMM a backend starts for this VM: named by
+ * `-name NAME` (QEMU) or `--id NAME` (Firecracker), with its sockets under vms/NAME/. Pid and start
+ * time only say the process exists; a planted record could give those of any process.
  */
 function isVmmOf(name: string, record: VmRecord): boolean {
   if (!isSameProcess(record.vmmPid, record.vmmStartTicks)) return false;
   const args = commandLine(record.vmmPid!);
-  const nameAt = args.indexOf('-name');
-  const ownDir = optionValue(vmDir(name) + '/');
-  return nameAt >= 0 && args[nameAt + 1] === name && args.some((arg) => arg.includes(ownDir));
+  const named = args.some((arg, index) => (arg === '-name' || arg === '--id') && args[index + 1] === name);
+  // QEMU writes a comma in an option value twice.
+  const ownDir = vmDir(name) + '/';
+  return named && args.some((arg) => arg.includes(ownDir) || arg.includes(ownDir.replaceAll(',', ',,')));
 }
 
 /** Whether `pid` is node running mvmctl (bin/mvmctl, or its entry point directly). */

@@ -13,7 +13,7 @@ import { MvmError } from '../errors.js';
 import { agentVersion, DEFAULT_KERNEL_ARGS, ensureDefaultImage, sha256File } from '../image/index.js';
 import { silentProgress, type Progress } from '../progress.js';
 import { buildTemplateInitramfs, MOUNT_POINTS, RESERVED_DIR, TEMPLATE_LAYOUT_VERSION } from './initramfs.js';
-import { planBootAccel } from '../exec/boot.js';
+import { planBootAccel } from '../vm/index.js';
 import { swapSymlink } from '../fs-atomic.js';
 import { captureSnapshot } from '../snapshots/index.js';
 import { templateSubject } from './subject.js';

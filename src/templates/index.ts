@@ -3,7 +3,7 @@
  * restores from a snapshot (src/snapshots/). See store.ts (layout), build.ts and initramfs.ts (boot).
  */
 import type { Backend } from '../backends/types.js';
-import type { BootImage } from '../exec/run.js';
+import type { BootImage } from '../vm/index.js';
 import { decideSnapshot, type SnapshotRequest } from '../snapshots/index.js';
 import type { Template } from './store.js';
 import { templateSubject } from './subject.js';
@@ -21,7 +21,7 @@ export function templateBootImage(template: Template, backend: Backend, request:
     kernelSha256: subject.kernel.sha256,
     initrd: subject.initrd.path,
     kernelArgs: subject.kernelArgs,
-    ...(subject.rootfs ? { rootDrive: { path: subject.rootfs.path, format: 'raw' as const, copyOnWrite: true } } : {}),
+    ...(subject.rootfs ? { rootDrive: { path: subject.rootfs.path, copyOnWrite: true } } : {}),
     label: subject.label,
     template: { name: template.name, dir: template.dir },
     chooseSnapshot: (accel) => decideSnapshot(subject, backend, { ...request, accel }),

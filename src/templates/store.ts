@@ -23,7 +23,7 @@ import { removeSnapshotLeftovers } from '../snapshots/index.js';
 import { pidAlive } from '../image/lock.js';
 import { dataDir } from '../paths.js';
 import { listVms } from '../state/registry.js';
-import { TEMPLATE_MARKER_FILE } from '../exec/run.js';
+import { TEMPLATE_MARKER_FILE } from '../vm/index.js';
 
 export const TEMPLATE_META_FILE = 'template.json';
 

@@ -11,7 +11,8 @@ import { PassThrough, Readable } from 'node:stream';
 import { after, describe, test } from 'node:test';
 import { parseAddDirSpec } from '../../src/dirsync/index.js';
 import { MvmError } from '../../src/errors.js';
-import { execInMicroVm, type BootImage, type ExecDeps, type ExecIo, type ExecRequest } from '../../src/exec/run.js';
+import type { BootImage } from '../../src/vm/index.js';
+import { execInMicroVm, type ExecDeps, type ExecIo, type ExecRequest } from '../../src/exec/run.js';
 import { silentProgress } from '../../src/progress.js';
 import { ExitKind } from '../../src/protocol/index.js';
 import { politeAgent, ScriptedBackend, type GuestScript } from './scripted-guest.js';
@@ -138,15 +139,15 @@ describe('exec lifecycle (scripted guest)', () => {
     const withSnapshot: BootImage = {
       ...image,
       label: 'template tpl',
-      chooseSnapshot: async () => ({ plan: { accel: 'tcg', memoryFile: '/snap/ram', stateFile: '/snap/state', driveSlots: { paths: ['/snap/slot0'], slotBytes: 1 << 30 } } }),
+      chooseSnapshot: async () => ({ plan: { accel: 'tcg', dir: '/snap', driveSlots: { paths: ['/snap/slot0'], slotBytes: 1 << 30 } } }),
     };
     const result = await execInMicroVm(request(), out, deps(backend, withSnapshot), new AbortController().signal);
     assert.equal(result.exitCode, 0);
     assert.equal(out.out(), 'hello\n');
     assert.deepEqual(out.lines, ['template tpl: restoring the snapshot failed (QEMU migrate-incoming: boom); booting cold instead']);
     assert.deepEqual(
-      backend.specs.map((spec) => spec.incomingState ?? 'cold'),
-      ['/snap/state', 'cold'],
+      backend.specs.map((spec) => spec.snapshot?.dir ?? 'cold'),
+      ['/snap', 'cold'],
     );
     assert.ok(await backend.allExited());
   });
@@ -161,12 +162,12 @@ describe('exec lifecycle (scripted guest)', () => {
     const slotBytes = 256 * 1024 ** 2;
     const withSlots: BootImage = {
       ...image,
-      chooseSnapshot: async () => ({ plan: { accel: 'tcg', memoryFile: '/snap/ram', stateFile: '/snap/state', driveSlots: { paths: ['/snap/slot0', '/snap/slot1'], slotBytes } } }),
+      chooseSnapshot: async () => ({ plan: { accel: 'tcg', dir: '/snap', driveSlots: { paths: ['/snap/slot0', '/snap/slot1'], slotBytes } } }),
     };
     const result = await execInMicroVm(request([`${host}:/w:ro`]), io(), deps(backend, withSlots), new AbortController().signal);
     assert.equal(result.exitCode, 0);
     const [spec] = backend.specs;
-    assert.equal(spec!.incomingState, '/snap/state');
+    assert.deepEqual(spec!.snapshot, { mode: 'restore', dir: '/snap' });
     assert.deepEqual(spec!.drives.map((drive) => [drive.path.endsWith('disk.ext4') ? 'staged' : drive.path, drive.readOnly]), [['staged', true], ['/snap/slot1', true]]);
     assert.equal(imageSize, slotBytes);
   });
@@ -186,6 +187,6 @@ describe('exec lifecycle (scripted guest)', () => {
     assert.equal(result.exitCode, 0);
     assert.deepEqual(asked, ['tcg']);
     assert.deepEqual(out.lines, ['template tpl: not using its snapshot (taken under KVM, this run uses TCG); booting cold']);
-    assert.deepEqual(backend.specs.map((spec) => spec.incomingState ?? 'cold'), ['cold']);
+    assert.deepEqual(backend.specs.map((spec) => spec.snapshot?.dir ?? 'cold'), ['cold']);
   });
 });

@@ -48,6 +48,7 @@ export function politeAgent(message: HostMessage, guest: ScriptedGuest): void {
 class ScriptedVm implements RunningVm {
   readonly exited: Promise<VmExit>;
   readonly failed: Promise<GuestFailure>;
+  readonly agentChannel = 'scripted socket';
   private readonly hostSide: Promise<Socket>;
 
   constructor(
@@ -97,10 +98,6 @@ class ScriptedVm implements RunningVm {
     return [];
   }
 
-  async finishRestore(): Promise<void> {
-    if (this.backend.restoreError) throw this.backend.restoreError;
-  }
-
   /** The guest's VMM dies on its own, as in a guest crash or an OOM kill of QEMU. */
   crash(): void {
     this.vmm.kill('SIGKILL');
@@ -121,7 +118,7 @@ export class ScriptedBackend implements Backend {
   readonly vms: ScriptedVm[] = [];
   /** Runs as the VMM is killed, before it dies: the guest's last moment. */
   onKill?: (spec: VmSpec) => void | Promise<void>;
-  /** Makes a snapshot restore (`finishRestore`) fail with this error. */
+  /** Makes a snapshot restore fail with this error (the VMM it started is killed first, as backends do). */
   restoreError?: Error;
   /** Every spec a VM was started with, in order. */
   readonly specs: VmSpec[] = [];
@@ -129,7 +126,7 @@ export class ScriptedBackend implements Backend {
   constructor(private readonly script: GuestScript) {}
 
   capabilities(): BackendCapabilities {
-    return { accels: ['tcg'], snapshots: false, vsock: false };
+    return { accels: ['tcg'], snapshots: false, vsock: false, restoredDrivesReadOnly: true };
   }
 
   async start(spec: VmSpec): Promise<RunningVm> {
@@ -137,6 +134,10 @@ export class ScriptedBackend implements Backend {
     const vmm = spawn('sleep', ['600'], { stdio: 'ignore' });
     const vm = new ScriptedVm(spec, vmm, this, this.script);
     this.vms.push(vm);
+    if (spec.snapshot?.mode === 'restore' && this.restoreError) {
+      await vm.kill();
+      throw this.restoreError;
+    }
     return vm;
   }
 

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { after, describe, test } from 'node:test';
 import { MvmError } from '../../src/errors.js';
-import type { BootImage } from '../../src/exec/run.js';
+import type { BootImage } from '../../src/vm/index.js';
 import { ExecFlag, ExitKind, type Bytes, type HostMessage } from '../../src/protocol/index.js';
 import { createExec } from '../../src/sdk/exec.js';
 import type { ExecOptions } from '../../src/sdk/options.js';

@@ -16,7 +16,7 @@ const vmm = { binary: '/usr/bin/qemu', size: 100, mtimeMs: 1 };
 function backend(version = 'QEMU 7.2', identity = vmm): Backend {
   return {
     name: 'qemu',
-    capabilities: () => ({ accels: ['kvm', 'tcg'], snapshots: true, vsock: false }),
+    capabilities: () => ({ accels: ['kvm', 'tcg'], snapshots: true, vsock: false, restoredDrivesReadOnly: true }),
     start: () => Promise.reject(new Error('not in this test')),
     vmmVersion: async () => version,
     vmmIdentity: async () => identity,
@@ -80,7 +80,7 @@ describe('decideSnapshot', () => {
   test('a snapshot that fits gives a restore plan of its files', async () => {
     const { subject, snap } = laidOut();
     assert.deepEqual(await decideSnapshot(subject, backend(), request), {
-      plan: { accel: 'tcg', memoryFile: join(snap, 'ram'), stateFile: join(snap, 'state'), driveSlots: { paths: [join(snap, 'slot0'), join(snap, 'slot1')], slotBytes: 1024 } },
+      plan: { accel: 'tcg', dir: snap, driveSlots: { paths: [join(snap, 'slot0'), join(snap, 'slot1')], slotBytes: 1024 } },
     });
     // --add-dir images take the drive slots, as many as there are.
     assert.ok((await decideSnapshot(subject, backend(), { ...request, addDirs: 2 })).plan);

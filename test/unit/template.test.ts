@@ -36,7 +36,7 @@ describe('QEMU arguments for templates and snapshots', () => {
 
   test('root drive: serial mvmroot, copy-on-write, before the --add-dir drives', () => {
     const args = qemuArgs(
-      { ...base, rootDrive: { path: '/t/root,fs.ext4', format: 'raw', copyOnWrite: true }, drives: [{ path: '/d.img', readOnly: true }] }
+      { ...base, rootDrive: { path: '/t/root,fs.ext4', copyOnWrite: true }, drives: [{ path: '/d.img', readOnly: true }] }
     );
     const root = args.indexOf('file=/t/root,,fs.ext4,format=raw,if=none,id=rootdrive,snapshot=on');
     assert.ok(root > 0, args.join(' '));
@@ -45,12 +45,12 @@ describe('QEMU arguments for templates and snapshots', () => {
   });
 
   test('capture: RAM in a shared file and a monitor; restore: private mapping and -incoming defer', () => {
-    const capture = qemuArgs({ ...base, memoryFile: { path: '/s/ram', shared: true } });
+    const capture = qemuArgs({ ...base, snapshot: { mode: 'capture', dir: '/s' } });
     assert.ok(capture.includes('microvm,acpi=off,memory-backend=mem'));
     assert.ok(capture.includes('memory-backend-file,id=mem,mem-path=/s/ram,size=512M,share=on'));
     assert.ok(capture.includes('unix:/run/x/qmp.sock,server=on,wait=off'));
     assert.ok(!capture.includes('-incoming'));
-    const restore = qemuArgs({ ...base, memoryFile: { path: '/s/ram', shared: false }, incomingState: '/s/state' });
+    const restore = qemuArgs({ ...base, snapshot: { mode: 'restore', dir: '/s' } });
     assert.ok(restore.includes('memory-backend-file,id=mem,mem-path=/s/ram,size=512M,share=off'));
     assert.equal(restore[restore.indexOf('-incoming') + 1], 'defer');
   });

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { AGENT_PORT_NAME } from '../../protocol/constants.js';
 import { driveSerial, ROOT_DRIVE_SERIAL } from '../drives.js';
-import type { VmSpec } from '../types.js';
+import { SNAPSHOT_FILES, type VmSpec } from '../types.js';
 
 /** QEMU option values separate with commas; a comma inside a value is written twice. */
 export function optionValue(value: string): string {
@@ -30,8 +30,24 @@ export function qmpSocketPath(runDir: string): string {
   return join(runDir, 'qmp.sock');
 }
 
-export function qemuArgs(spec: VmSpec, options: { tscKhz?: number } = {}): string[] {
+/** The sockets a QEMU VM leaves in its directory (cleared before another start in the same one). */
+export function qemuSocketPaths(runDir: string): string[] {
+  return [agentSocketPath(runDir), qmpSocketPath(runDir)];
+}
+
+/** Root drives are raw images, except the qcow2 overlays this backend makes itself (createSnapshotDisk). */
+export function rootDriveFormat(path: string): 'raw' | 'qcow2' {
+  return path.endsWith('.qcow2') ? 'qcow2' : 'raw';
+}
+
+export interface QemuArgsOptions {
+  tscKhz?: number;
+}
+
+export function qemuArgs(spec: VmSpec, options: QemuArgsOptions = {}): string[] {
   const kvm = spec.accel === 'kvm';
+  const snapshot = spec.snapshot;
+  const memoryBackend = memoryBackendArg(spec);
   const kernelArgs = [
     'console=ttyS0',
     // The machine has no ACPI tables (acpi=off below); without this the kernel logs an error looking for them.
@@ -46,18 +62,11 @@ export function qemuArgs(spec: VmSpec, options: { tscKhz?: number } = {}): strin
   const args = [
     '-name', optionValue(spec.name),
     // acpi=off: with the minimal kernel, microvm's ACPI breaks interrupts.
-    '-M', spec.memoryFile ? 'microvm,acpi=off,memory-backend=mem' : 'microvm,acpi=off',
-    ...(spec.memoryFile
-      ? [
-          // share=on: guest RAM writes land in the file (capture). share=off: a private copy-on-write
-          // mapping (restore), so the file is never modified and any number of VMs can map it.
-          '-object',
-          `memory-backend-file,id=mem,mem-path=${optionValue(spec.memoryFile.path)},size=${spec.memoryMiB}M,share=${spec.memoryFile.shared ? 'on' : 'off'}`,
-        ]
-      : []),
+    '-M', memoryBackend ? 'microvm,acpi=off,memory-backend=mem' : 'microvm,acpi=off',
+    ...(memoryBackend ? ['-object', memoryBackend] : []),
     // The monitor: snapshots, and the watch for a guest the VMM stopped in an error state.
     '-qmp', `unix:${optionValue(qmpSocketPath(spec.runDir))},server=on,wait=off`,
-    ...(spec.incomingState ? ['-incoming', 'defer'] : []),
+    ...(snapshot?.mode === 'restore' ? ['-incoming', 'defer'] : []),
     ...(kvm ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg']),
     '-smp', String(spec.cpus),
     '-m', `${spec.memoryMiB}M`,
@@ -75,7 +84,7 @@ export function qemuArgs(spec: VmSpec, options: { tscKhz?: number } = {}): strin
   if (spec.rootDrive) {
     args.push(
       '-drive',
-      `file=${optionValue(spec.rootDrive.path)},format=${spec.rootDrive.format},if=none,id=rootdrive,snapshot=${spec.rootDrive.copyOnWrite ? 'on' : 'off'}`,
+      `file=${optionValue(spec.rootDrive.path)},format=${rootDriveFormat(spec.rootDrive.path)},if=none,id=rootdrive,snapshot=${spec.rootDrive.copyOnWrite ? 'on' : 'off'}`,
       '-device', `virtio-blk-device,drive=rootdrive,serial=${ROOT_DRIVE_SERIAL}`,
     );
   }
@@ -86,4 +95,15 @@ export function qemuArgs(spec: VmSpec, options: { tscKhz?: number } = {}): strin
     );
   });
   return args;
+}
+
+/**
+ * Guest RAM in a file for snapshots. share=on: the captured guest's RAM writes land in the file.
+ * share=off: a private copy-on-write mapping (restore), so the file is never modified and any
+ * number of VMs can map it.
+ */
+function memoryBackendArg(spec: VmSpec): string | undefined {
+  if (!spec.snapshot) return undefined;
+  const ram = optionValue(join(spec.snapshot.dir, SNAPSHOT_FILES.memory));
+  return `memory-backend-file,id=mem,mem-path=${ram},size=${spec.memoryMiB}M,share=${spec.snapshot.mode === 'capture' ? 'on' : 'off'}`;
 }

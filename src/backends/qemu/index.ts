@@ -1,17 +1,19 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { stat } from 'node:fs/promises';
+import { rm, stat } from 'node:fs/promises';
+import { join, relative } from 'node:path';
 import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MvmError } from '../../errors.js';
 import { lastLine, runTool } from '../../run-tool.js';
 import { findExecutable } from '../../which.js';
 import { ConsoleBuffer } from '../console.js';
-import type { Backend, BackendCapabilities, GuestFailure, RunningVm, VmExit, VmSpec } from '../types.js';
-import { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath } from './args.js';
+import { SNAPSHOT_FILES, type Backend, type BackendCapabilities, type GuestFailure, type RunningVm, type VmExit, type VmSpec } from '../types.js';
+import { agentSocketPath, hostTscKhz, qemuArgs, qemuSocketPaths, qmpSocketPath } from './args.js';
 import { Qmp } from './qmp.js';
-import { connectWhenListening } from './socket.js';
+import { connectWhenListening } from '../unix-socket.js';
 
 export { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath } from './args.js';
+
 
 function shellQuote(value: string): string {
   return `'${value.replaceAll("'", `'\\''`)}'`;
@@ -41,8 +43,9 @@ export class QemuBackend implements Backend {
 
   capabilities(): BackendCapabilities {
     // The agent talks over a virtio-serial port: Node.js has no AF_VSOCK sockets, and the port
-    // works with or without /dev/vhost-vsock.
-    return { accels: ['kvm', 'tcg'], snapshots: true, vsock: false };
+    // works without /dev/vhost-vsock. (vhost-device-vsock 0.3 would give QEMU Firecracker's hybrid
+    // vsock, but data sent to the guest after CONNECT/OK never reached our agent here.)
+    return { accels: ['kvm', 'tcg'], snapshots: true, vsock: false, restoredDrivesReadOnly: true };
   }
 
   private qemuPath(): string {
@@ -68,11 +71,23 @@ export class QemuBackend implements Backend {
     return { binary: qemu, size: info.size, mtimeMs: info.mtimeMs };
   }
 
+  async createSnapshotDisk(base: string, dir: string, signal: AbortSignal): Promise<string> {
+    // A qcow2 overlay: the captured guest's writes land in it, the base stays as it is. Its backing
+    // path is relative, so the subject's directory may be renamed or moved as a whole.
+    const disk = join(dir, 'disk.qcow2');
+    const result = await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', relative(dir, base), disk], { signal, timeoutMs: 60_000 });
+    if (result.code !== 0) throw new MvmError(`qemu-img create failed: ${lastLine(result.stderr)}`);
+    return disk;
+  }
+
   async start(spec: VmSpec, signal: AbortSignal): Promise<RunningVm> {
     const qemu = this.qemuPath();
     const setpriv = findExecutable('setpriv');
     if (!setpriv) throw new MvmError(`setpriv not found: install util-linux ('apt-get install util-linux')`);
     signal.throwIfAborted();
+    // A VM directory may see a second start (a TCG boot after KVM failed, a cold boot after a
+    // failed restore): the first one's sockets would be mistaken for the new VMM's.
+    await Promise.all(qemuSocketPaths(spec.runDir).map((path) => rm(path, { force: true })));
     const args = qemuArgs(spec, { tscKhz: hostTscKhz() });
     // setpriv execs QEMU in place (same pid) with a parent-death signal, so the VMM dies with
     // mvmctl even when mvmctl is killed with SIGKILL and has no chance to clean up.
@@ -81,7 +96,16 @@ export class QemuBackend implements Backend {
       // snapshot=on drives put their temporary overlay in TMPDIR: keep it in the VM's own directory.
       ...(spec.rootDrive?.copyOnWrite ? { env: { ...process.env, TMPDIR: spec.runDir } } : {}),
     });
-    return new QemuVm(spec, child);
+    const vm = new QemuVm(spec, child);
+    if (spec.snapshot?.mode === 'restore') {
+      try {
+        await vm.restore(signal);
+      } catch (error) {
+        await vm.kill();
+        throw error;
+      }
+    }
+    return vm;
   }
 }
 
@@ -96,6 +120,8 @@ class QemuVm implements RunningVm {
   /** Ends the monitor watch when the VM is torn down. */
   private readonly watch = new AbortController();
   private qmpClient?: Promise<Qmp>;
+
+  readonly agentChannel = 'virtio-serial port';
 
   constructor(private readonly spec: VmSpec, private readonly child: ChildProcess) {
     if (child.pid === undefined) throw new MvmError(`could not start QEMU for ${spec.name}`);
@@ -162,22 +188,23 @@ class QemuVm implements RunningVm {
   }
 
   connectAgent(signal: AbortSignal): Promise<Socket> {
-    return connectWhenListening(agentSocketPath(this.spec.runDir), {
+    const options = {
       signal,
       gone: () => this.hasExited,
       goneError: () => new MvmError(`QEMU exited before the guest agent channel opened`, 125, this.consoleTail(20)),
       retryMs: 10,
-    });
+    };
+    return connectWhenListening(agentSocketPath(this.spec.runDir), options);
   }
-
 
   private qmp(signal: AbortSignal): Promise<Qmp> {
     this.qmpClient ??= Qmp.connect(qmpSocketPath(this.spec.runDir), () => this.hasExited, this.watch.signal, (event) => this.onMonitorEvent(event));
     return signal === this.watch.signal ? this.qmpClient : abortable(this.qmpClient, signal);
   }
 
-  async saveSnapshot(statePath: string, signal: AbortSignal): Promise<void> {
-    if (!this.spec.memoryFile?.shared) throw new MvmError('a snapshot needs the guest RAM in a shared memory file');
+  async saveSnapshot(signal: AbortSignal): Promise<void> {
+    if (this.spec.snapshot?.mode !== 'capture') throw new MvmError('this VM was not started to take a snapshot');
+    const statePath = join(this.spec.snapshot.dir, SNAPSHOT_FILES.state);
     const qmp = await this.qmp(signal);
     // x-ignore-shared: RAM stays in the file and is not copied into the stream (44 KB of device state).
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
@@ -189,14 +216,24 @@ class QemuVm implements RunningVm {
     await this.kill();
   }
 
-  async finishRestore(signal: AbortSignal): Promise<void> {
-    if (!this.spec.incomingState) throw new MvmError('this VM was not started to restore a snapshot');
-    const qmp = await this.qmp(signal);
-    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-    await qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(this.spec.incomingState)}` });
-    await waitForMigration(qmp, signal);
-    // The snapshot was taken paused, so the restored VM stays paused until told to run.
-    await qmp.execute('cont');
+  /** Loads the snapshot's device state (RAM is the private mapping of its file) and resumes the guest. */
+  async restore(signal: AbortSignal): Promise<void> {
+    const statePath = join(this.spec.snapshot!.dir, SNAPSHOT_FILES.state);
+    const died = this.failed.then((failure): never => {
+      throw new MvmError(`${failure.reason}: ${this.consoleTail(3).join(' | ') || 'no output'}`);
+    });
+    died.catch(() => {});
+    await Promise.race([
+      (async () => {
+        const qmp = await this.qmp(signal);
+        await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+        await qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(statePath)}` });
+        await waitForMigration(qmp, signal);
+        // The snapshot was taken paused, so the restored VM stays paused until told to run.
+        await qmp.execute('cont');
+      })(),
+      died,
+    ]);
   }
 
   async kill(): Promise<VmExit> {

@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import { MvmError } from '../../errors.js';
-import { connectWhenListening } from './socket.js';
+import { connectWhenListening } from '../unix-socket.js';
 
 /** A reply or an event QEMU sends is one JSON line; a longer one is not QEMU talking. */
 const MAX_LINE_BYTES = 1 << 20;

@@ -2,9 +2,10 @@ import { connect, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 /**
- * Connects to a unix socket QEMU serves (the agent's port, the monitor). QEMU creates them while it
- * starts up, before the guest runs, so a missing or not yet listening socket is retried until
- * `gone()` says QEMU has exited (then `goneError` is thrown) or `signal` aborts.
+ * Connects to a unix socket a VMM serves (QEMU's agent port and monitor, Firecracker's API). The
+ * VMM creates it while it starts up, before the guest runs, so a missing or not yet listening
+ * socket is retried until `gone()` says the VMM has exited (then `goneError` is thrown) or `signal`
+ * aborts.
  */
 export async function connectWhenListening(
   path: string,

@@ -1,0 +1,197 @@
+/**
+ * The Firecracker backend: one `firecracker --api-sock S --id NAME` process per VM, configured over
+ * its API (config.ts, api.ts), with the agent on Firecracker's hybrid vsock. Firecracker runs
+ * guests under KVM only. Its jailer (chroot, namespaces, seccomp of the VMM process) is not used yet.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { MvmError } from '../../errors.js';
+import { AGENT_VSOCK_PORT } from '../../protocol/constants.js';
+import { lastLine, runTool } from '../../run-tool.js';
+import { findExecutable } from '../../which.js';
+import { ConsoleBuffer } from '../console.js';
+import type { Backend, BackendCapabilities, GuestFailure, RunningVm, VmExit, VmSpec } from '../types.js';
+import { connectWhenListening } from '../unix-socket.js';
+import { connectHybridVsock } from '../vsock/hybrid.js';
+import { API_TIMEOUT_MS, FirecrackerApi, SNAPSHOT_API_TIMEOUT_MS } from './api.js';
+import { apiSocketPath, bootCalls, restoreCalls, snapshotCalls, vsockSocketPath, type ApiCall } from './config.js';
+
+/** How long Firecracker may take to serve its API socket once started. */
+const API_START_TIMEOUT_MS = 10_000;
+/** A copy of a root image (when the file system cannot share its blocks) may take a while. */
+const DISK_COPY_TIMEOUT_MS = 600_000;
+/** How long a guest sent Ctrl-Alt-Del may take to end the VMM before it is killed. */
+const CTRL_ALT_DEL_WAIT_MS = 2_000;
+
+/** `MVM_FIRECRACKER`, else `firecracker` on PATH; undefined when absent. */
+export function findFirecracker(env: NodeJS.ProcessEnv = process.env): string | undefined {
+  return findExecutable(env.MVM_FIRECRACKER || 'firecracker');
+}
+
+export class FirecrackerBackend implements Backend {
+  readonly name = 'firecracker' as const;
+
+  capabilities(): BackendCapabilities {
+    // Drives a restore attaches can point at new files, but their read-only flag is the captured
+    // VM's (PATCH /drives takes no is_read_only): read-only --add-dirs boot cold.
+    return { accels: ['kvm'], snapshots: true, vsock: true, restoredDrivesReadOnly: false };
+  }
+
+  private binary(): string {
+    const found = findFirecracker();
+    if (!found) {
+      throw new MvmError(
+        `Firecracker not found (${process.env.MVM_FIRECRACKER || 'firecracker'}): put its release binary on PATH or set MVM_FIRECRACKER to it; or use --backend qemu`,
+      );
+    }
+    return found;
+  }
+
+  async vmmVersion(): Promise<string> {
+    const binary = this.binary();
+    const result = await runTool(binary, ['--version'], { timeoutMs: 10_000 });
+    if (result.code !== 0) throw new MvmError(`${binary} --version failed: ${lastLine(result.stderr)}`);
+    return result.stdout.split('\n')[0]!.trim();
+  }
+
+  async vmmIdentity(): Promise<{ binary: string; size: number; mtimeMs: number }> {
+    const binary = this.binary();
+    const info = await stat(binary);
+    return { binary, size: info.size, mtimeMs: info.mtimeMs };
+  }
+
+  async createSnapshotDisk(base: string, dir: string, signal: AbortSignal): Promise<string> {
+    const disk = join(dir, 'disk.raw');
+    await copyDisk(base, disk, signal);
+    return disk;
+  }
+
+  async start(spec: VmSpec, signal: AbortSignal): Promise<RunningVm> {
+    if (spec.accel !== 'kvm') throw new MvmError('the firecracker backend runs guests under KVM only: use --backend qemu for TCG');
+    const binary = this.binary();
+    const setpriv = findExecutable('setpriv');
+    if (!setpriv) throw new MvmError(`setpriv not found: install util-linux ('apt-get install util-linux')`);
+    signal.throwIfAborted();
+    const apiSocket = apiSocketPath(spec.runDir);
+    // A VM directory may see a second start (a cold boot after a failed restore).
+    await Promise.all([apiSocket, vsockSocketPath(spec.runDir)].map((path) => rm(path, { force: true })));
+    // Firecracker has no copy-on-write drives: a VM that must not write its root image gets a copy
+    // (cheap where the file system shares blocks, e.g. btrfs or XFS reflinks).
+    const rootPath = spec.rootDrive
+      ? spec.rootDrive.copyOnWrite
+        ? await copyDisk(spec.rootDrive.path, join(spec.runDir, 'root.raw'), signal).then(() => join(spec.runDir, 'root.raw'))
+        : spec.rootDrive.path
+      : undefined;
+    // setpriv execs Firecracker in place (same pid) with a parent-death signal: the VMM dies with
+    // mvmctl even when mvmctl is killed with SIGKILL.
+    const child = spawn(setpriv, ['--pdeathsig', 'KILL', '--', binary, '--api-sock', apiSocket, '--id', spec.name], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const vm = new FirecrackerVm(spec, child, new FirecrackerApi(apiSocket));
+    try {
+      await vm.waitForApi(signal);
+      const calls = spec.snapshot?.mode === 'restore' ? restoreCalls({ ...spec, snapshot: spec.snapshot }, rootPath) : bootCalls(spec, rootPath);
+      await vm.send(calls, signal, API_TIMEOUT_MS);
+      return vm;
+    } catch (error) {
+      await vm.kill();
+      throw error;
+    }
+  }
+}
+
+async function copyDisk(from: string, to: string, signal: AbortSignal): Promise<void> {
+  const result = await runTool('cp', ['--reflink=auto', '--sparse=always', '--', from, to], { signal, timeoutMs: DISK_COPY_TIMEOUT_MS });
+  if (result.code !== 0) throw new MvmError(`could not copy the root drive ${from}: ${lastLine(result.stderr)}`);
+}
+
+class FirecrackerVm implements RunningVm {
+  readonly vmmPid: number;
+  readonly exited: Promise<VmExit>;
+  readonly failed: Promise<GuestFailure>;
+  readonly agentChannel = 'vsock (Firecracker)';
+  private readonly console = new ConsoleBuffer();
+  private hasExited = false;
+
+  constructor(private readonly spec: VmSpec, private readonly child: ChildProcess, private readonly api: FirecrackerApi) {
+    if (child.pid === undefined) throw new MvmError(`could not start Firecracker for ${spec.name}`);
+    this.vmmPid = child.pid;
+    // The guest's serial console and Firecracker's own log lines share its stdout and stderr.
+    child.stdout!.on('data', (chunk: Buffer) => this.console.push(chunk, spec.onConsoleLine));
+    child.stderr!.on('data', (chunk: Buffer) => this.console.push(chunk, spec.onConsoleLine));
+    this.exited = new Promise((resolve) => {
+      child.once('close', (code, signal) => {
+        this.hasExited = true;
+        resolve({ code, signal });
+      });
+      child.once('error', () => {
+        this.hasExited = true;
+        resolve({ code: null, signal: null });
+      });
+    });
+    this.failed = this.exited.then(({ code, signal }) => ({
+      reason: `the VMM exited (${signal ? `signal ${signal}` : `status ${code}`})`,
+      accelFailure: false,
+    }));
+  }
+
+  get name(): string {
+    return this.spec.name;
+  }
+
+  async waitForApi(signal: AbortSignal): Promise<void> {
+    const attempt = AbortSignal.any([signal, AbortSignal.timeout(API_START_TIMEOUT_MS)]);
+    try {
+      const probe = await connectWhenListening(apiSocketPath(this.spec.runDir), {
+        signal: attempt,
+        gone: () => this.hasExited,
+        goneError: () => new MvmError('Firecracker exited at start', 125, this.consoleTail(20)),
+        retryMs: 5,
+      });
+      probe.destroy();
+    } catch (error) {
+      if (!signal.aborted && attempt.aborted) throw new MvmError(`Firecracker did not serve its API within ${API_START_TIMEOUT_MS / 1000} s`, 125, this.consoleTail(20));
+      throw error;
+    }
+  }
+
+  async send(calls: readonly ApiCall[], signal: AbortSignal, timeoutMs: number): Promise<void> {
+    for (const call of calls) {
+      if (call.method === 'PUT') await this.api.put(call.path, call.body, { signal, timeoutMs });
+      else await this.api.patch(call.path, call.body, { signal, timeoutMs });
+    }
+  }
+
+  connectAgent(signal: AbortSignal): Promise<Socket> {
+    return connectHybridVsock(vsockSocketPath(this.spec.runDir), AGENT_VSOCK_PORT, {
+      signal,
+      gone: () => this.hasExited,
+      goneError: () => new MvmError('Firecracker exited before the guest agent answered', 125, this.consoleTail(20)),
+      retryMs: 20,
+    });
+  }
+
+  consoleTail(maxLines: number): string[] {
+    return this.console.tail(maxLines);
+  }
+
+  async saveSnapshot(signal: AbortSignal): Promise<void> {
+    if (this.spec.snapshot?.mode !== 'capture') throw new MvmError('this VM was not started to take a snapshot');
+    await this.send(snapshotCalls(this.spec.snapshot.dir), signal, SNAPSHOT_API_TIMEOUT_MS);
+    await this.kill();
+  }
+
+  async requestShutdown(): Promise<void> {
+    if (this.hasExited) return;
+    await this.api.put('/actions', { action_type: 'SendCtrlAltDel' }, { signal: AbortSignal.timeout(API_TIMEOUT_MS) }).catch(() => {});
+    await Promise.race([this.exited, sleep(CTRL_ALT_DEL_WAIT_MS, undefined, { ref: false })]);
+  }
+
+  async kill(): Promise<VmExit> {
+    if (!this.hasExited) this.child.kill('SIGKILL');
+    return this.exited;
+  }
+}

@@ -1,0 +1,96 @@
+/**
+ * Firecracker's hybrid vsock, host side: the VMM (Firecracker, or vhost-device-vsock for QEMU)
+ * serves the guest's vsock on a unix socket; a host client writes `CONNECT <port>\n` and, once the
+ * guest accepted, reads `OK <host port>\n`, after which the socket carries the guest stream.
+ */
+import { connect, type Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+/** `OK ` and a 32-bit port number: anything longer was not written by a VMM. */
+const MAX_ACK_BYTES = 32;
+/** How long the VMM may take to answer CONNECT once it accepted the unix connection. */
+const ACK_TIMEOUT_MS = 2_000;
+/**
+ * Retries back off up to this. vhost-device-vsock 0.3 stops accepting for good when CONNECTs to a
+ * port nobody listens on yet arrive every 10 ms (measured: every later one is closed too, even
+ * once the agent listens); 20 ms and slower recover as soon as the agent listens.
+ */
+const MAX_RETRY_MS = 100;
+
+export interface HybridConnectOptions {
+  signal: AbortSignal;
+  /** The VMM has exited: stop retrying and throw `goneError()`. */
+  gone: () => boolean;
+  goneError: () => Error;
+  /** The first retry's delay; later ones back off to MAX_RETRY_MS. */
+  retryMs: number;
+}
+
+class NotListening extends Error {}
+
+/**
+ * Connects to guest port `port` through the hybrid vsock socket at `path`. The socket appears while
+ * the VMM starts, and until the guest's agent listens the VMM drops each CONNECT (Firecracker
+ * closes the connection, firecracker#1253): those are retried until `gone()` or `signal` says stop.
+ */
+export async function connectHybridVsock(path: string, port: number, options: HybridConnectOptions): Promise<Socket> {
+  let delay = options.retryMs;
+  for (;;) {
+    options.signal.throwIfAborted();
+    if (options.gone()) throw options.goneError();
+    try {
+      return await attempt(path, port, options.signal);
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (!(error instanceof NotListening) && code !== 'ENOENT' && code !== 'ECONNREFUSED' && code !== 'ECONNRESET' && code !== 'EPIPE') throw error;
+      await sleep(delay, undefined, { signal: options.signal });
+      delay = Math.min(MAX_RETRY_MS, delay * 1.5);
+    }
+  }
+}
+
+function attempt(path: string, port: number, signal: AbortSignal): Promise<Socket> {
+  return new Promise<Socket>((resolve, reject) => {
+    const socket = connect(path);
+    let received = Buffer.alloc(0);
+    const fail = (error: Error) => {
+      cleanup();
+      socket.destroy();
+      reject(error);
+    };
+    const onAbort = () => fail(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
+    const timer = setTimeout(() => fail(new NotListening('no answer to CONNECT')), ACK_TIMEOUT_MS);
+    const onData = (chunk: Buffer) => {
+      received = Buffer.concat([received, chunk]);
+      const newline = received.indexOf(0x0a);
+      if (newline < 0) {
+        if (received.length > MAX_ACK_BYTES) fail(new Error(`the vsock socket ${path} answered CONNECT with something other than OK`));
+        return;
+      }
+      const line = received.subarray(0, newline).toString('latin1');
+      if (!/^OK \d{1,10}$/.test(line)) return fail(new Error(`the vsock socket ${path} answered CONNECT ${port} with '${line.slice(0, MAX_ACK_BYTES)}'`));
+      cleanup();
+      // Paused until the session reads, so nothing that follows is lost in between.
+      socket.pause();
+      // Bytes after the OK line are the guest's: hand them on with the socket.
+      const rest = received.subarray(newline + 1);
+      if (rest.length > 0) socket.unshift(rest);
+      resolve(socket);
+    };
+    const onClose = () => fail(new NotListening('closed before OK'));
+    const cleanup = () => {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', onAbort);
+      socket.off('data', onData);
+      socket.off('error', fail);
+      socket.off('close', onClose);
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
+    socket.on('error', fail);
+    socket.on('close', onClose);
+    socket.once('connect', () => {
+      socket.on('data', onData);
+      socket.write(`CONNECT ${port}\n`);
+    });
+  });
+}

@@ -1,0 +1,184 @@
+/**
+ * The guest behind the Firecracker test double: QEMU microvm, started through mvmctl's own QEMU
+ * backend. The guest's agent is on a virtio-serial port, and the double itself serves the vsock
+ * `uds_path` the API gave, answering Firecracker's `CONNECT <port>` with `OK` and relaying bytes:
+ * a test tool's stand-in for vsock, not vsock. (Real vsock through vhost-device-vsock 0.3 was
+ * tried: the CONNECT/OK handshake works, but data sent to the guest after it never arrived, and
+ * QEMU 7.2 cannot migrate a VM with that device.) Guest RAM lives in a file, so snapshot/create
+ * and snapshot/load work through QEMU's migration.
+ * The guest runs under TCG unless MVM_FC_DOUBLE_ACCEL=kvm: the double stands for a Firecracker on
+ * a host where KVM works, which these machines are not.
+ */
+import { copyFile, mkdir, readFile, rename, rm, symlink, unlink, writeFile } from 'node:fs/promises';
+import { createServer, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { QemuBackend } from '../../src/backends/qemu/index.js';
+import { SNAPSHOT_FILES, type RunningVm, type VmSpec } from '../../src/backends/types.js';
+import { driveSerial, ROOT_DRIVE_SERIAL } from '../../src/backends/drives.js';
+import type { DriveConfig, Machine, MachineConfig, SnapshotLoad } from './machine.js';
+
+/** Boot arguments QEMU's backend sets itself, in its own way. */
+const FIRECRACKER_ONLY_ARGS = /^(console|reboot|panic|pci|mvm\.agent)=/;
+const SIDE_CAR = '.double.json';
+
+export class QemuMachine implements Machine {
+  readonly ended: Promise<void>;
+  private endNow!: () => void;
+  private vm?: RunningVm;
+  private bridge?: Server;
+  private pendingLoad?: { load: SnapshotLoad; config: MachineConfig };
+  private readonly backend = new QemuBackend();
+  private readonly abort = new AbortController();
+  private config?: MachineConfig;
+  /** Like Firecracker's, a VM that was snapshotted stays (paused) until the process is killed. */
+  private snapshotTaken = false;
+
+  constructor(private readonly name: string, private readonly workDir: string) {
+    this.ended = new Promise((resolve) => (this.endNow = resolve));
+  }
+
+  /** Every VM may be snapshotted later, so its RAM is in a file from the start. */
+  async start(config: MachineConfig): Promise<void> {
+    await this.boot(config, { mode: 'capture', dir: this.workDir });
+  }
+
+  /** Pausing takes effect when the snapshot is written (QEMU stops the guest for its migration). */
+  async pause(): Promise<void> {}
+
+  async resume(): Promise<void> {
+    if (!this.pendingLoad) return;
+    const { load, config } = this.pendingLoad;
+    this.pendingLoad = undefined;
+    await this.restore(load, config);
+  }
+
+  async createSnapshot(snapshotPath: string, memFilePath: string): Promise<void> {
+    if (!this.vm?.saveSnapshot || !this.config) throw new Error('the test double has no running guest to snapshot');
+    this.snapshotTaken = true;
+    await this.vm.saveSnapshot(this.abort.signal);
+    await moveFile(join(this.workDir, SNAPSHOT_FILES.state), snapshotPath);
+    await moveFile(join(this.workDir, SNAPSHOT_FILES.memory), memFilePath);
+    // Firecracker's snapshot holds the VM's configuration; QEMU's migration stream does not.
+    await writeFile(snapshotPath + SIDE_CAR, JSON.stringify(this.config));
+  }
+
+  async loadSnapshot(load: SnapshotLoad): Promise<void> {
+    const config = JSON.parse(await readFile(load.snapshotPath + SIDE_CAR, 'utf8')) as MachineConfig;
+    if (load.vsockUdsPath && config.vsock) config.vsock = { ...config.vsock, udsPath: load.vsockUdsPath };
+    if (load.resumeVm) return this.restore(load, config);
+    this.pendingLoad = { load, config };
+  }
+
+  async updateDrive(driveId: string, pathOnHost: string): Promise<void> {
+    const drive = this.pendingLoad?.config.drives.find((candidate) => candidate.driveId === driveId);
+    if (!drive) throw new Error(`the test double can change drive ${driveId} only between snapshot/load and resume`);
+    drive.pathOnHost = pathOnHost;
+  }
+
+  /** The guest is taken down as one that obeyed Ctrl-Alt-Del would be. */
+  async sendCtrlAltDel(): Promise<void> {
+    await this.vm?.kill();
+  }
+
+  private async restore(load: SnapshotLoad, config: MachineConfig): Promise<void> {
+    const dir = join(this.workDir, 'restore');
+    await mkdir(dir, { recursive: true });
+    await symlink(load.snapshotPath, join(dir, SNAPSHOT_FILES.state));
+    await symlink(load.memFilePath, join(dir, SNAPSHOT_FILES.memory));
+    await this.boot(config, { mode: 'restore', dir });
+  }
+
+  private async boot(config: MachineConfig, snapshot: VmSpec['snapshot']): Promise<void> {
+    this.config = config;
+    const spec: VmSpec = {
+      name: this.name,
+      runDir: this.workDir,
+      kernel: config.kernelImagePath,
+      ...(config.initrdPath ? { initrd: config.initrdPath } : {}),
+      kernelArgs: config.bootArgs.split(/\s+/).filter((arg) => arg && !FIRECRACKER_ONLY_ARGS.test(arg)),
+      accel: process.env.MVM_FC_DOUBLE_ACCEL === 'kvm' ? 'kvm' : 'tcg',
+      cpus: config.vcpuCount,
+      memoryMiB: config.memSizeMib,
+      ...drivesFor(config.drives),
+      ...(snapshot ? { snapshot } : {}),
+      onConsoleLine: (line) => process.stdout.write(line + '\n'),
+    };
+    const vm = await this.backend.start(spec, this.abort.signal);
+    this.vm = vm;
+    void vm.exited.then(() => {
+      if (!this.snapshotTaken) this.endNow();
+    });
+    if (config.vsock) this.bridge = await serveBridge(config.vsock.udsPath, vm, this.abort.signal);
+  }
+
+  async stop(): Promise<void> {
+    this.abort.abort();
+    this.bridge?.close();
+    await this.vm?.kill();
+  }
+}
+
+/** The backend gives drives serials by position: the root drive, then mvm0, mvm1… in order. */
+function drivesFor(drives: readonly DriveConfig[]): Pick<VmSpec, 'drives' | 'rootDrive'> {
+  const root = drives.find((drive) => drive.driveId === ROOT_DRIVE_SERIAL);
+  const others = drives.filter((drive) => drive !== root);
+  others.forEach((drive, index) => {
+    if (drive.driveId !== driveSerial(index)) throw new Error(`the test double maps drives by position: expected drive id ${driveSerial(index)}, got ${drive.driveId}`);
+  });
+  return {
+    drives: others.map((drive) => ({ path: drive.pathOnHost, readOnly: drive.isReadOnly })),
+    ...(root ? { rootDrive: { path: root.pathOnHost, copyOnWrite: false } } : {}),
+  };
+}
+
+async function moveFile(from: string, to: string): Promise<void> {
+  await rename(from, to).catch(async (error: NodeJS.ErrnoException) => {
+    if (error.code !== 'EXDEV') throw error;
+    await copyFile(from, to);
+    await unlink(from);
+  });
+}
+
+/** Serves the hybrid vsock protocol on `udsPath`, relaying each accepted connection to the agent's port. */
+async function serveBridge(udsPath: string, vm: RunningVm, signal: AbortSignal): Promise<Server> {
+  await rm(udsPath, { force: true });
+  const server = createServer((client) => void relay(client, vm, signal));
+  await new Promise<void>((resolve, reject) => server.once('error', reject).listen(udsPath, resolve));
+  void vm.exited.then(() => server.close());
+  return server;
+}
+
+async function relay(client: Socket, vm: RunningVm, signal: AbortSignal): Promise<void> {
+  client.on('error', () => {});
+  const line = await readConnectLine(client);
+  const match = line && /^CONNECT (\d+)\n/.exec(line.toString('latin1'));
+  if (!match) return void client.destroy();
+  const agent = await vm.connectAgent(signal).catch(() => undefined);
+  if (!agent) return void client.destroy();
+  client.write(`OK ${1_000_000 + Number(match[1])}\n`);
+  const rest = line.subarray(match[0].length);
+  if (rest.length > 0) agent.write(rest);
+  agent.on('error', () => client.destroy());
+  await Promise.all([pipeline(client, agent).catch(() => {}), pipeline(agent, client).catch(() => {})]);
+}
+
+/** Reads up to the first newline (at most 32 bytes) and leaves the socket paused for the relay. */
+function readConnectLine(client: Socket): Promise<Buffer | undefined> {
+  return new Promise((resolve) => {
+    let received = Buffer.alloc(0);
+    const onData = (chunk: Buffer) => {
+      received = Buffer.concat([received, chunk]);
+      if (received.includes(0x0a) || received.length > 32) done(received);
+    };
+    const done = (value: Buffer | undefined) => {
+      client.off('data', onData);
+      client.off('close', onClose);
+      client.pause();
+      resolve(value);
+    };
+    const onClose = () => done(undefined);
+    client.on('data', onData);
+    client.once('close', onClose);
+  });
+}
