@@ -42,7 +42,7 @@ export interface SelectOptions {
  * QEMU otherwise. An explicit choice is taken as it is.
  */
 export function chooseBackend(choice: BackendChoice, options: SelectOptions = {}): BackendSelection {
-  if (choice !== 'auto') return { backend: BACKENDS[choice](), reason: `chosen (${choice})` };
+  if (choice !== 'auto') return { backend: BACKENDS[choice](), reason: 'chosen' };
   return autoBackend(options.env ?? process.env, options.host ?? inspectKvmHost());
 }
 

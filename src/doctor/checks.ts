@@ -7,7 +7,7 @@ import { lastLine, runTool } from '../run-tool.js';
 import { cacheDir, dataDir, stateDir } from '../paths.js';
 import { findExecutable } from '../which.js';
 import { checkDirectory } from './dirs.js';
-import { checkAccelerator, checkVhostVsock } from './host.js';
+import { checkAccelerator, checkBackend, checkVhostVsock } from './host.js';
 import { checkDefaultImage } from './image.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
@@ -103,6 +103,7 @@ export async function runDoctor(): Promise<DoctorReport> {
   const checks = await Promise.all([
     guarded('qemu', () => checkQemu()),
     guarded('accelerator', () => checkAccelerator()),
+    guarded('backend', () => checkBackend()),
     guarded('vhost-vsock', () => checkVhostVsock()),
     guarded('setpriv', () => checkSetpriv()),
     guarded('default image', () => checkDefaultImage()),

@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { accelChoice, type AccelChoice, inspectKvmHost, readVerdict, type VerdictKey } from '../accel/index.js';
-import { selectBackend } from '../backends/index.js';
+import { backendChoice, chooseBackend, selectBackend } from '../backends/index.js';
 import { verdictKeyFor } from '../vm/index.js';
 import { defaultImageStatus } from '../image/index.js';
 import type { Check } from './checks.js';
@@ -76,4 +76,15 @@ export function checkVhostVsock(hostRoot = '/'): Check {
   const name = 'vhost-vsock';
   if (existsSync(join(hostRoot, 'dev/vhost-vsock'))) return { name, status: 'ok', summary: '/dev/vhost-vsock present' };
   return { name, status: 'warn', summary: '/dev/vhost-vsock absent; not needed: the QEMU backend talks to the agent over virtio-serial' };
+}
+
+/** Which backend exec would use (`--backend auto`, or MVM_BACKEND) and why. */
+export function checkBackend(env: NodeJS.ProcessEnv = process.env): Check {
+  const name = 'backend';
+  try {
+    const { backend, reason } = chooseBackend(backendChoice(undefined, env), { env });
+    return { name, status: 'ok', summary: `${backend.name}: ${reason}${env.MVM_BACKEND ? ' (MVM_BACKEND)' : ''}` };
+  } catch (error) {
+    return { name, status: 'fail', summary: (error as Error).message, fix: 'unset MVM_BACKEND, or set it to auto, qemu or firecracker' };
+  }
 }

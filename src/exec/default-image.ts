@@ -3,6 +3,7 @@
  * booted guest kept in the image's own directory, so that it is invalidated whenever the image is.
  * The snapshot is taken by `mvmctl image build`, or by the first exec that can use it.
  */
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { AccelPlan } from '../accel/index.js';
 import type { Backend } from '../backends/types.js';
@@ -16,11 +17,15 @@ import type { BootImage, SnapshotChoice } from '../vm/index.js';
 export const DEFAULT_CPUS = 2;
 export const DEFAULT_MEMORY_MIB = 512;
 
-function defaultImageSubject(image: GuestImage): SnapshotSubject {
+/**
+ * Each backend keeps its own snapshot of the default image, whose format is its own: QEMU's in the
+ * image's directory, any other's in a directory of its own there. All go when the image does.
+ */
+function defaultImageSubject(image: GuestImage, backend: Backend): SnapshotSubject {
   return {
     label: 'the default image',
     retake: 'mvmctl image build --force',
-    dir: image.dir,
+    dir: backend.name === 'qemu' ? image.dir : join(image.dir, `snapshots-${backend.name}`),
     kernel: { path: image.kernel, sha256: image.kernelSha256 },
     initrd: { path: image.initrd, sha256: image.manifest.initrd.sha256 },
     kernelArgs: image.kernelArgs,
@@ -43,14 +48,15 @@ export interface DefaultImageOptions {
  * waiting on the lock then find it. Returns why it could not, as a warning line.
  */
 export async function ensureDefaultSnapshot(image: GuestImage, accel: AccelPlan, options: DefaultImageOptions & { progress: Progress; signal: AbortSignal }): Promise<SnapshotChoice> {
-  const subject = defaultImageSubject(image);
+  const subject = defaultImageSubject(image, options.backend);
   const request = { ...options.request, accel };
   const first = await decideSnapshot(subject, options.backend, request);
   // A request that rules snapshots out, or a KVM not yet proven, boots cold without taking one.
   if (first.plan || (first.note && !first.missing)) return first;
   try {
+    await mkdir(subject.dir, { recursive: true });
     await withLock(
-      join(image.dir, '.snapshot.lock'),
+      join(subject.dir, '.snapshot.lock'),
       async () => {
         const again = await decideSnapshot(subject, options.backend, request);
         if (again.plan) return;

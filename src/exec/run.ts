@@ -81,7 +81,11 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   // sync-back such a run left half applied is finished or rolled back.
   await listVms();
   await recoverInterruptedSyncs(io.log);
-  const owned = await OwnedVm.create(deps.backend, { command: request.argv, templateDir: image.template?.dir });
+  const owned = await OwnedVm.create(deps.backend, {
+    command: request.argv,
+    templateDir: image.template?.dir,
+    onVmmStarted: (started) => timings.mark(`VMM started (agent over ${started.agentChannel})`),
+  });
   let vm: RunningVm | undefined;
   let session: AgentSession | undefined;
   // rw directories whose guest changes have not been brought back (yet): reported as discarded if the run ends early.
@@ -139,7 +143,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
         log: io.log,
       });
       ({ vm, session } = booted);
-      timings.mark(`agent ready (${session.agentVersion}, ${accelName(booted.accel)}, over ${vm.agentChannel})`);
+      timings.mark(`agent ready (${session.agentVersion}, ${accelName(booted.accel)})`);
     }
 
     for (const [index, dir] of staged.entries()) {

@@ -16,6 +16,8 @@ export interface OwnOptions {
   command: string[];
   /** The template directory it runs from, so that `template rm` sees it is in use. */
   templateDir?: string;
+  /** Called as each VMM starts (for -v timings). */
+  onVmmStarted?: (vm: RunningVm) => void;
 }
 
 export class OwnedVm {
@@ -26,6 +28,7 @@ export class OwnedVm {
     readonly name: string,
     readonly runDir: string,
     private readonly record: VmRecord,
+    private readonly onVmmStarted?: (vm: RunningVm) => void,
   ) {}
 
   /** Creates the VM's directory and record; nothing runs yet. */
@@ -36,7 +39,7 @@ export class OwnedVm {
       const record = ownVmRecord({ name, backend: backend.name, command: options.command, runDir });
       await writeVmRecord(record);
       if (options.templateDir) await writeFile(join(runDir, TEMPLATE_MARKER_FILE), options.templateDir + '\n');
-      return new OwnedVm(backend, name, runDir, record);
+      return new OwnedVm(backend, name, runDir, record, options.onVmmStarted);
     } catch (error) {
       await removeVmDir(runDir);
       throw error;
@@ -53,6 +56,7 @@ export class OwnedVm {
     this.vms.push(vm);
     try {
       await recordVmm(this.record, vm.vmmPid);
+      this.onVmmStarted?.(vm);
     } catch (error) {
       await vm.kill();
       throw error;

@@ -190,10 +190,13 @@ describe('mvmctl exec', () => {
     await assertNothingLeft();
   });
 
-  test('mvmctl failures name the cause: missing QEMU, unbootable kernel (with the console tail)', async () => {
-    const noQemu = await mvmctl(['exec', '--', 'true'], { ...env, MVM_QEMU: '/nonexistent/qemu-system-x86_64' });
+  test('mvmctl failures name the cause: missing QEMU or Firecracker, unbootable kernel (with the console tail)', async () => {
+    const noQemu = await mvmctl(['exec', '--backend', 'qemu', '--', 'true'], { ...env, MVM_QEMU: '/nonexistent/qemu-system-x86_64' });
     assert.equal(noQemu.code, 125, noQemu.stderr);
     assert.match(noQemu.stderr, /^mvmctl: QEMU not found .*apt-get install qemu-system-x86/);
+    const noFirecracker = await mvmctl(['exec', '--backend', 'firecracker', '--', 'true'], { ...env, MVM_FIRECRACKER: '/nonexistent/firecracker' });
+    assert.equal(noFirecracker.code, 125, noFirecracker.stderr);
+    assert.match(noFirecracker.stderr, /^mvmctl: Firecracker not found \(\/nonexistent\/firecracker\): .*or use --backend qemu\n$/);
     const badKernel = await mvmctl(['exec', '--', 'true'], { ...env, MVM_KERNEL: '/etc/hostname' });
     assert.equal(badKernel.code, 125, badKernel.stderr);
     assert.match(badKernel.stderr, /^mvmctl: [^\n]+\n(  \| .*\n)+$/, 'one line, then the console/VMM tail');
@@ -206,7 +209,7 @@ describe('mvmctl exec', () => {
       ['exec', '--cpus', '0', '--', 'true'],
       ['exec', '-e', '1BAD=x', '--', 'true'],
       ['exec', '--backend', 'nope', '--', 'true'],
-      ['exec', '--backend', 'firecracker', '--', 'true'],
+      ['exec', '--accel', 'fast', '--', 'true'],
       ['exec'],
       ['exec', '--no-such-flag', '--', 'true'],
     ];

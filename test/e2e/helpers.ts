@@ -74,14 +74,14 @@ export function waitForOutput(child: ChildProcess, text: string, timeoutMs = 120
   });
 }
 
-/** PIDs of VMM processes whose command line mentions `marker` (a VM's state dir, say). */
+/** PIDs of VMM processes (QEMU, Firecracker or its test double) whose command line mentions `marker` (a VM's state dir, say). */
 export function vmmPidsMentioning(marker: string): number[] {
   const pids: number[] = [];
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       const cmdline = readFileSync(`/proc/${entry}/cmdline`, 'utf8');
-      if (cmdline.includes('qemu-system') && cmdline.includes(marker)) pids.push(Number(entry));
+      if ((cmdline.includes('qemu-system') || cmdline.includes('firecracker')) && cmdline.includes(marker)) pids.push(Number(entry));
     } catch {
       // exited while we looked
     }

@@ -42,6 +42,17 @@ describe('QEMU backend: a guest that cannot go on is reported at once', () => {
     }
   });
 
+  test('a vCPU register KVM refuses, after which QEMU aborts, is an accelerator failure, not a crash', async () => {
+    const abort = `printf 'qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\\nqemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion failed.\\n' >&2; kill -ABRT $$`;
+    const vm = await start(fakeQemu('kvm-msr', abort), 'kvm');
+    try {
+      const failure = await Promise.race([vm.failed, sleep(10_000).then(() => 'none')]);
+      assert.deepEqual(failure, { reason: 'KVM refused the vCPU state: failed to set MSR 0x10a to 0x69', accelFailure: true });
+    } finally {
+      await vm.kill();
+    }
+  });
+
   test('the same words under TCG are only console output', async () => {
     const vm = await start(fakeQemu('tcg-words', KVM_INTERNAL_ERROR), 'tcg');
     try {

@@ -21,9 +21,12 @@ function shellQuote(value: string): string {
 
 /**
  * What QEMU prints on stderr when KVM cannot run the guest: an instruction KVM could not emulate
- * (a paravirtual or nested KVM), or a VM entry the CPU refused. QEMU then pauses the VM and stays up.
+ * (a paravirtual or nested KVM), or a VM entry the CPU refused (QEMU then pauses the VM and stays
+ * up); or a vCPU register KVM will not take, after which QEMU aborts (kvm_pvm, seen here as
+ * `failed to set MSR 0x10a to 0x69`).
  */
 const ACCEL_FAILURE_LINE = /^(KVM internal error\b.*|KVM: entry failed\b.*)$/;
+const ACCEL_ABORT_LINE = /^(?:qemu-system-\S+: )?(?:error: )?(failed to set MSR\b.*)$/;
 /** The kind of internal error, printed a few lines after it (after the `extra data` lines). */
 const ACCEL_FAILURE_KIND = /^(emulation failure)$/;
 /** How long to wait for that line before reporting the error without it. */
@@ -138,6 +141,8 @@ class QemuVm implements RunningVm {
       this.stderrTail.push(chunk, (line) => {
         spec.onConsoleLine?.(line);
         if (spec.accel !== 'kvm') return;
+        const abort = ACCEL_ABORT_LINE.exec(line.trim());
+        if (abort) this.reportFailure({ reason: `KVM refused the vCPU state: ${abort[1]}`, accelFailure: true });
         const error = ACCEL_FAILURE_LINE.exec(line.trim());
         if (error && !accelError) {
           accelError = error[1]!;
