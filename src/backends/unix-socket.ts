@@ -26,7 +26,8 @@ export async function connectWhenListening(
     } catch (error) {
       const code = (error as NodeJS.ErrnoException).code;
       if (code !== 'ENOENT' && code !== 'ECONNREFUSED') throw error;
-      await sleep(options.retryMs, undefined, { signal: options.signal });
+      // An abort during the wait rejects with the signal's own reason.
+      await sleep(options.retryMs, undefined, { signal: options.signal }).catch(() => Promise.reject(options.signal.reason));
     }
   }
 }

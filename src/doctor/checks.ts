@@ -111,7 +111,7 @@ export async function runDoctor(): Promise<DoctorReport> {
     guarded('cache dir', () => checkDirectory('cache dir', cacheDir(), { envVar: 'MVM_CACHE_DIR', neededByExec: true })),
     guarded('data dir', () => checkDirectory('data dir', dataDir(), { envVar: 'MVM_DATA_DIR', neededByExec: false })),
     guarded('e2fsprogs', () => checkOptionalTools('e2fsprogs', ['mke2fs', 'debugfs', 'e2fsck'], 'e2fsprogs', '--add-dir')),
-    guarded('qemu-img', () => checkOptionalTools('qemu-img', ['qemu-img'], 'qemu-utils', 'template snapshots')),
+    guarded('qemu-img', () => checkOptionalTools('qemu-img', ['qemu-img'], 'qemu-utils', 'template snapshots with QEMU')),
   ]);
   return doctorReport(checks);
 }

@@ -8,7 +8,7 @@
  *     vmlinux, initramfs.cpio            the kernel and first-stage initramfs it boots
  *     rootfs.ext4                        the root drive (not for templates of the default image)
  *     snapshot -> snap-<pid>-<rand>      symlink to the current snapshot, if any
- *     snap-<pid>-<rand>/                 snapshot.json, ram, state, disk.qcow2
+ *     snap-<pid>-<rand>/                 snapshot.json, ram, state, disk.* (the backend's), slot0…
  *
  * A build or snapshot is written into a directory of its own and published by renaming a new symlink
  * over the old one (rename(2) is atomic), so readers see the old version or the new one, never a mix,

@@ -74,19 +74,25 @@ export function waitForOutput(child: ChildProcess, text: string, timeoutMs = 120
   });
 }
 
-/** PIDs of VMM processes (QEMU, Firecracker or its test double) whose command line mentions `marker` (a VM's state dir, say). */
+/**
+ * PIDs of VMM processes (QEMU, Firecracker or its test double) whose command line mentions
+ * `marker` (a VM's state dir, say): one per VM, so the QEMU a Firecracker test double runs is
+ * counted with its double.
+ */
 export function vmmPidsMentioning(marker: string): number[] {
-  const pids: number[] = [];
+  const found = new Map<number, number>();
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       const cmdline = readFileSync(`/proc/${entry}/cmdline`, 'utf8');
-      if ((cmdline.includes('qemu-system') || cmdline.includes('firecracker')) && cmdline.includes(marker)) pids.push(Number(entry));
+      if (!(cmdline.includes('qemu-system') || cmdline.includes('firecracker')) || !cmdline.includes(marker)) continue;
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      found.set(Number(entry), Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]));
     } catch {
       // exited while we looked
     }
   }
-  return pids;
+  return [...found].filter(([, parent]) => !found.has(parent)).map(([pid]) => pid);
 }
 
 /** No VMM process and no VM state directory may outlive a run (the VMM is reaped just after mvmctl exits). */

@@ -43,7 +43,8 @@ export async function connectHybridVsock(path: string, port: number, options: Hy
     } catch (error) {
       const code = (error as NodeJS.ErrnoException).code;
       if (!(error instanceof NotListening) && code !== 'ENOENT' && code !== 'ECONNREFUSED' && code !== 'ECONNRESET' && code !== 'EPIPE') throw error;
-      await sleep(delay, undefined, { signal: options.signal });
+      // An abort during the wait rejects with the signal's own reason, as one during an attempt does.
+      await sleep(delay, undefined, { signal: options.signal }).catch(() => Promise.reject(options.signal.reason));
       delay = Math.min(MAX_RETRY_MS, delay * 1.5);
     }
   }
