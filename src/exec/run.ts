@@ -1,5 +1,6 @@
 import type { Readable, Writable } from 'node:stream';
-import { truncate } from 'node:fs/promises';
+import { truncate, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { finished } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { driveSerial } from '../backends/drives.js';
@@ -225,11 +226,16 @@ async function restoreSnapshot(
   let vm: RunningVm | undefined;
   const attempt = AbortSignal.any([signal, AbortSignal.timeout(RESTORE_TIMEOUT_MS)]);
   try {
+    // The staged directories take their slots; the rest get empty files of this VM's own, so that
+    // no guest can write to a file other restores of the snapshot also attach (a backend may not
+    // be able to attach them read-only).
+    const drives = await Promise.all(
+      plan.driveSlots.paths.map(async (_, index) => cold.drives[index] ?? { path: await emptySlot(owned.runDir, index, plan.driveSlots.slotBytes), readOnly: true }),
+    );
     vm = await owned.start(
       {
         ...cold,
-        // The staged directories in their slots, the rest of the slots empty and read-only.
-        drives: plan.driveSlots.paths.map((path, index) => cold.drives[index] ?? { path, readOnly: true }),
+        drives,
         snapshot: { mode: 'restore', dir: plan.dir },
         ...(plan.rootDrive ? { rootDrive: plan.rootDrive } : {}),
       },
@@ -243,6 +249,13 @@ async function restoreSnapshot(
     if (attempt.aborted) return { error: `the restore took longer than ${RESTORE_TIMEOUT_MS / 1000} s` };
     return { error: (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, ' ') };
   }
+}
+
+async function emptySlot(runDir: string, index: number, bytes: number): Promise<string> {
+  const path = join(runDir, `empty-slot${index}`);
+  await writeFile(path, '');
+  await truncate(path, bytes);
+  return path;
 }
 
 /**

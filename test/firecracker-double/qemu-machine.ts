@@ -2,10 +2,9 @@
  * The guest behind the Firecracker test double: QEMU microvm, started through mvmctl's own QEMU
  * backend. The guest's agent is on a virtio-serial port, and the double itself serves the vsock
  * `uds_path` the API gave, answering Firecracker's `CONNECT <port>` with `OK` and relaying bytes:
- * a test tool's stand-in for vsock, not vsock. (Real vsock through vhost-device-vsock 0.3 was
- * tried: the CONNECT/OK handshake works, but data sent to the guest after it never arrived, and
- * QEMU 7.2 cannot migrate a VM with that device.) Guest RAM lives in a file, so snapshot/create
- * and snapshot/load work through QEMU's migration.
+ * a test tool's stand-in for vsock, not vsock. (Real vsock through vhost-device-vsock works with
+ * QEMU, but QEMU 7.2 cannot migrate a VM with that device, and the double must snapshot.) Guest
+ * RAM lives in a file, so snapshot/create and snapshot/load work through QEMU's migration.
  * The guest runs under TCG unless MVM_FC_DOUBLE_ACCEL=kvm: the double stands for a Firecracker on
  * a host where KVM works, which these machines are not.
  */

@@ -152,7 +152,7 @@ describe('exec lifecycle (scripted guest)', () => {
     assert.ok(await backend.allExited());
   });
 
-  test('a restore with --add-dir: each image takes a drive slot at the slot size, the rest stay empty and read-only', async () => {
+  test('a restore with --add-dir: each image takes a drive slot at the slot size, the rest get empty read-only files of their own', async () => {
     const host = hostDir();
     let imageSize = 0;
     const backend = new ScriptedBackend((message, guest) => {
@@ -168,7 +168,9 @@ describe('exec lifecycle (scripted guest)', () => {
     assert.equal(result.exitCode, 0);
     const [spec] = backend.specs;
     assert.deepEqual(spec!.snapshot, { mode: 'restore', dir: '/snap' });
-    assert.deepEqual(spec!.drives.map((drive) => [drive.path.endsWith('disk.ext4') ? 'staged' : drive.path, drive.readOnly]), [['staged', true], ['/snap/slot1', true]]);
+    // The unused slot is an empty file of this VM's own, never the snapshot's shared one.
+    assert.deepEqual(spec!.drives.map((drive) => [drive.path.endsWith('disk.ext4') ? 'staged' : drive.path.replace(/.*\//, ''), drive.readOnly]), [['staged', true], ['empty-slot1', true]]);
+    assert.ok(spec!.drives[1]!.path.startsWith(spec!.runDir + '/'));
     assert.equal(imageSize, slotBytes);
   });
 

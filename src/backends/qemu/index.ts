@@ -46,8 +46,8 @@ export class QemuBackend implements Backend {
 
   capabilities(): BackendCapabilities {
     // The agent talks over a virtio-serial port: Node.js has no AF_VSOCK sockets, and the port
-    // works without /dev/vhost-vsock. (vhost-device-vsock 0.3 would give QEMU Firecracker's hybrid
-    // vsock, but data sent to the guest after CONNECT/OK never reached our agent here.)
+    // works without /dev/vhost-vsock. (vhost-device-vsock would give QEMU Firecracker's hybrid
+    // vsock, but QEMU 7.2 cannot migrate a VM with it, so snapshots would keep the port anyway.)
     return { accels: ['kvm', 'tcg'], snapshots: true, vsock: false, restoredDrivesReadOnly: true };
   }
 
