@@ -1,5 +1,6 @@
 import type { Duplex } from 'node:stream';
 import type { Accel } from '../accel/index.js';
+import type { VmmIdentity } from './vmm-binary.js';
 
 /** An extra block device given to the guest, e.g. an `--add-dir` image. Appears as /dev/vdb, /dev/vdc… in order. */
 export interface DriveSpec {
@@ -119,5 +120,5 @@ export interface Backend {
   /** Identifies the VMM build a snapshot is tied to (e.g. `QEMU emulator version 7.2.22 …`). */
   vmmVersion?(): Promise<string>;
   /** The VMM binary's path, size and mtime: a cheap check that it is the build `vmmVersion` reported before. */
-  vmmIdentity?(): Promise<{ binary: string; size: number; mtimeMs: number }>;
+  vmmIdentity?(): Promise<VmmIdentity>;
 }

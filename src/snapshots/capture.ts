@@ -1,7 +1,7 @@
 import { mkdir, readdir, readlink, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import type { AccelPlan } from '../accel/index.js';
-import { SNAPSHOT_FILES, type Backend, type RunningVm } from '../backends/types.js';
+import { SNAPSHOT_FILES, type Backend } from '../backends/types.js';
 import { MvmError } from '../errors.js';
 import { swapSymlink, workName } from '../fs-atomic.js';
 import { sha256File } from '../image/index.js';
@@ -46,7 +46,6 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
   const snapDir = join(subject.dir, work);
   await mkdir(snapDir);
   let owned: OwnedVm | undefined;
-  let vm: RunningVm | undefined;
   let published = false;
   try {
     progress(`${subject.label}: booting it to take a snapshot`);
@@ -81,7 +80,6 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
     ).catch((error: unknown) => {
       throw signal.aborted ? error : new SnapshotBootError(error);
     });
-    vm = booted.vm;
     const bootSeconds = (performance.now() - started) / 1000;
     const running = booted.vm;
     if (!running.saveSnapshot) throw new MvmError(`the ${backend.name} backend cannot take snapshots`);
@@ -127,7 +125,6 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
     if (previous && previous !== work && /^snap-[\w-]+$/.test(previous)) await rm(join(subject.dir, previous), { recursive: true, force: true });
     return meta;
   } finally {
-    await vm?.kill();
     await owned?.release();
     if (!published) await rm(snapDir, { recursive: true, force: true });
   }

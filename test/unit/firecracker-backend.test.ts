@@ -14,8 +14,9 @@ import { bootCalls, GUEST_CID, restoreCalls, snapshotCalls, vsockSocketPath, typ
 import type { VmSpec } from '../../src/backends/types.js';
 import { MvmError } from '../../src/errors.js';
 import { serveApi } from '../firecracker-double/api-server.js';
-import type { Machine, MachineConfig, SnapshotLoad } from '../firecracker-double/machine.js';
+import type { MachineConfig } from '../firecracker-double/machine.js';
 import { decodeBody, loadApiSpec, matchOperation } from '../firecracker-double/openapi.js';
+import { FakeMachine } from './fake-machine.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'mvm-fc-backend-'));
 after(() => rmSync(scratch, { recursive: true, force: true }));
@@ -166,23 +167,6 @@ describe('Firecracker config: the calls match the API schema', () => {
   });
 });
 
-type Call = [string, ...unknown[]];
-
-class RecordingMachine implements Machine {
-  readonly calls: Call[] = [];
-  readonly ended = new Promise<void>(() => {});
-  private async record(...call: Call): Promise<void> {
-    this.calls.push(call);
-  }
-  start = (config: MachineConfig) => this.record('start', config);
-  pause = () => this.record('pause');
-  resume = () => this.record('resume');
-  createSnapshot = (snapshotPath: string, memFilePath: string) => this.record('createSnapshot', snapshotPath, memFilePath);
-  loadSnapshot = (load: SnapshotLoad) => this.record('loadSnapshot', load);
-  updateDrive = (driveId: string, pathOnHost: string) => this.record('updateDrive', driveId, pathOnHost);
-  sendCtrlAltDel = () => this.record('sendCtrlAltDel');
-}
-
 async function send(api: FirecrackerApi, calls: readonly ApiCall[]): Promise<void> {
   for (const call of calls) {
     const answer = call.method === 'PUT' ? await api.put(call.path, call.body, { signal: never }) : await api.patch(call.path, call.body, { signal: never });
@@ -190,9 +174,9 @@ async function send(api: FirecrackerApi, calls: readonly ApiCall[]): Promise<voi
   }
 }
 
-async function withDouble(fn: (api: FirecrackerApi, machine: RecordingMachine) => Promise<void>): Promise<void> {
+async function withDouble(fn: (api: FirecrackerApi, machine: FakeMachine) => Promise<void>): Promise<void> {
   const path = socketPath();
-  const machine = new RecordingMachine();
+  const machine = new FakeMachine();
   const server = await serveApi(path, machine, { id: 'fc-backend-test' });
   try {
     await fn(new FirecrackerApi(path), machine);

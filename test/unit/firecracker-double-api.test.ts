@@ -6,8 +6,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { serveApi } from '../firecracker-double/api-server.js';
-import type { Machine, MachineConfig, SnapshotLoad } from '../firecracker-double/machine.js';
 import { loadApiSpec, matchOperation, validateBody } from '../firecracker-double/openapi.js';
+import type { MachineConfig } from '../firecracker-double/machine.js';
+import { FakeMachine } from './fake-machine.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'mvm-fcapi-'));
 after(() => rmSync(scratch, { recursive: true, force: true }));
@@ -18,34 +19,6 @@ const data = join(scratch, 'data.ext4');
 for (const file of [kernel, initrd, rootfs, data]) writeFileSync(file, 'x');
 let sockets = 0;
 
-type Call = [string, ...unknown[]];
-
-/** Records every call; `delayMs` makes each call slow enough for overlaps to show. */
-class FakeMachine implements Machine {
-  readonly calls: Call[] = [];
-  readonly ended = new Promise<void>(() => {});
-  failWith: Error | undefined;
-  delayMs = 0;
-  private active = 0;
-  maxActive = 0;
-
-  private async record(...call: Call): Promise<void> {
-    this.active++;
-    this.maxActive = Math.max(this.maxActive, this.active);
-    this.calls.push(call);
-    await new Promise((resolve) => setTimeout(resolve, this.delayMs));
-    this.active--;
-    if (this.failWith) throw this.failWith;
-  }
-
-  start = (config: MachineConfig) => this.record('start', config);
-  pause = () => this.record('pause');
-  resume = () => this.record('resume');
-  createSnapshot = (snapshotPath: string, memFilePath: string) => this.record('createSnapshot', snapshotPath, memFilePath);
-  loadSnapshot = (load: SnapshotLoad) => this.record('loadSnapshot', load);
-  updateDrive = (driveId: string, pathOnHost: string) => this.record('updateDrive', driveId, pathOnHost);
-  sendCtrlAltDel = () => this.record('sendCtrlAltDel');
-}
 
 interface Answer {
   status: number;

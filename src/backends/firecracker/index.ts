@@ -4,7 +4,7 @@
  * guests under KVM only. Its jailer (chroot, namespaces, seccomp of the VMM process) is not used yet.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { rm, stat } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -13,6 +13,7 @@ import { AGENT_VSOCK_PORT } from '../../protocol/constants.js';
 import { lastLine, runTool } from '../../run-tool.js';
 import { findExecutable } from '../../which.js';
 import { ConsoleBuffer } from '../console.js';
+import { vmmIdentityOf, vmmVersionOf, type VmmIdentity } from '../vmm-binary.js';
 import type { Backend, BackendCapabilities, GuestFailure, RunningVm, VmExit, VmSpec } from '../types.js';
 import { connectWhenListening } from '../unix-socket.js';
 import { connectHybridVsock } from '../vsock/hybrid.js';
@@ -50,17 +51,12 @@ export class FirecrackerBackend implements Backend {
     return found;
   }
 
-  async vmmVersion(): Promise<string> {
-    const binary = this.binary();
-    const result = await runTool(binary, ['--version'], { timeoutMs: 10_000 });
-    if (result.code !== 0) throw new MvmError(`${binary} --version failed: ${lastLine(result.stderr)}`);
-    return result.stdout.split('\n')[0]!.trim();
+  vmmVersion(): Promise<string> {
+    return vmmVersionOf(this.binary());
   }
 
-  async vmmIdentity(): Promise<{ binary: string; size: number; mtimeMs: number }> {
-    const binary = this.binary();
-    const info = await stat(binary);
-    return { binary, size: info.size, mtimeMs: info.mtimeMs };
+  vmmIdentity(): Promise<VmmIdentity> {
+    return vmmIdentityOf(this.binary());
   }
 
   async createSnapshotDisk(base: string, dir: string, signal: AbortSignal): Promise<string> {

@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { rm, stat } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -7,6 +7,7 @@ import { MvmError } from '../../errors.js';
 import { lastLine, runTool } from '../../run-tool.js';
 import { findExecutable } from '../../which.js';
 import { ConsoleBuffer } from '../console.js';
+import { vmmIdentityOf, vmmVersionOf, type VmmIdentity } from '../vmm-binary.js';
 import { SNAPSHOT_FILES, type Backend, type BackendCapabilities, type GuestFailure, type RunningVm, type VmExit, type VmSpec } from '../types.js';
 import { agentSocketPath, hostTscKhz, qemuArgs, qemuSocketPaths, qmpSocketPath } from './args.js';
 import { Qmp } from './qmp.js';
@@ -61,17 +62,12 @@ export class QemuBackend implements Backend {
     return qemu;
   }
 
-  async vmmVersion(): Promise<string> {
-    const qemu = this.qemuPath();
-    const result = await runTool(qemu, ['--version'], { timeoutMs: 10_000 });
-    if (result.code !== 0) throw new MvmError(`${qemu} --version failed: ${lastLine(result.stderr)}`);
-    return result.stdout.split('\n')[0]!.trim();
+  vmmVersion(): Promise<string> {
+    return vmmVersionOf(this.qemuPath());
   }
 
-  async vmmIdentity(): Promise<{ binary: string; size: number; mtimeMs: number }> {
-    const qemu = this.qemuPath();
-    const info = await stat(qemu);
-    return { binary: qemu, size: info.size, mtimeMs: info.mtimeMs };
+  vmmIdentity(): Promise<VmmIdentity> {
+    return vmmIdentityOf(this.qemuPath());
   }
 
   async createSnapshotDisk(base: string, dir: string, signal: AbortSignal): Promise<string> {
