@@ -7,7 +7,7 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { QemuBackend, agentSocketPath, hostTscKhz, qemuArgs } from '../src/backends/qemu/index.js';
+import { QemuBackend, agentSocketPath, findVhostDeviceVsock, hostTscKhz, qemuArgs } from '../src/backends/qemu/index.js';
 import { accelChoice, type Accel } from '../src/accel/index.js';
 import { planBootAccel } from '../src/vm/index.js';
 import { benchRoundTrip } from '../src/dirsync/index.js';
@@ -101,15 +101,24 @@ async function throughput(image: GuestImage, work: string): Promise<void> {
       ].join('\n'),
     ),
   );
+  const catBig = ['sh', '-c', `head -c ${THROUGHPUT_BYTES} /dev/zero > /tmp/big && cat /tmp/big`];
   const viaExec: number[] = [];
   const raw: number[] = [];
+  // Both agent channels, on cold boots (restored VMs always use the port): vsock through
+  // vhost-device-vsock where it is installed, and the virtio-serial port.
+  const viaVsock: number[] = [];
+  const viaPort: number[] = [];
+  const vsock = findVhostDeviceVsock() !== undefined;
   for (let i = 0; i < Math.min(RUNS, 5); i++) {
-    viaExec.push(await streamRate((onData) =>
-      run(mvmctl, ['exec', '--', 'sh', '-c', `head -c ${THROUGHPUT_BYTES} /dev/zero > /tmp/big && cat /tmp/big`], env, onData),
-    ));
+    viaExec.push(await streamRate((onData) => run(mvmctl, ['exec', '--', ...catBig], env, onData)));
     raw.push(await rawChannelRate(image, initrd, work));
+    if (!vsock) continue;
+    viaVsock.push(await streamRate((onData) => run(mvmctl, ['exec', '--no-snapshot', '--', ...catBig], env, onData)));
+    viaPort.push(await streamRate((onData) => run(mvmctl, ['exec', '--no-snapshot', '--', ...catBig], { ...env, MVM_QEMU_VSOCK: '0' }, onData)));
   }
   report('stdout of cat via mvmctl exec (MB/s)', median(viaExec), 'raw virtio-serial channel', median(raw), undefined);
+  if (vsock) report('the same, cold, agent on vsock (MB/s)', median(viaVsock), 'cold, agent on the virtio-serial port', median(viaPort), undefined);
+  else console.log('agent on vsock vs the virtio-serial port: skipped, vhost-device-vsock is not installed');
 }
 
 /** MB/s from the first byte to the last, so boot time does not count. */

@@ -159,10 +159,16 @@ export async function discardStaged(staged: StagedDir): Promise<void> {
   await rm(dirname(staged.imagePath), { recursive: true, force: true });
 }
 
+/**
+ * Free space as a writer in the guest sees it: Linux's ext4 keeps back 2 % of the blocks or 4096
+ * of them, whichever is fewer, for delayed allocation (ext4_calculate_resv_clusters), so the
+ * superblock's free count overstates what `df` and a write get by up to 16 MiB.
+ */
 function imageFreeBytes(imagePath: string): number {
   const img = Ext4Image.open(imagePath);
   try {
-    return Number(img.sb.freeBlocks) * img.sb.blockSize;
+    const reserved = Math.min(Math.floor(img.sb.blocksCount / 50), 4096);
+    return (Number(img.sb.freeBlocks) - reserved) * img.sb.blockSize;
   } finally {
     img.close();
   }

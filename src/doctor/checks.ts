@@ -7,7 +7,7 @@ import { lastLine, runTool } from '../run-tool.js';
 import { cacheDir, dataDir, stateDir } from '../paths.js';
 import { findExecutable } from '../which.js';
 import { checkDirectory } from './dirs.js';
-import { checkAccelerator, checkBackend, checkVhostVsock } from './host.js';
+import { checkAccelerator, checkBackend, checkVhostDeviceVsock } from './host.js';
 import { checkDefaultImage } from './image.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
@@ -104,7 +104,7 @@ export async function runDoctor(): Promise<DoctorReport> {
     guarded('qemu', () => checkQemu()),
     guarded('accelerator', () => checkAccelerator()),
     guarded('backend', () => checkBackend()),
-    guarded('vhost-vsock', () => checkVhostVsock()),
+    guarded('vsock device', () => checkVhostDeviceVsock()),
     guarded('setpriv', () => checkSetpriv()),
     guarded('default image', () => checkDefaultImage()),
     guarded('state dir', () => checkDirectory('state dir', stateDir(), { envVar: 'MVM_STATE_DIR', neededByExec: true })),

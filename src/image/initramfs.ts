@@ -1,7 +1,7 @@
 /**
  * The default guest's root file system: a newc cpio initramfs holding a static busybox (init and
  * every applet), a tiny init configuration and the mvm guest agent, which busybox init starts and
- * respawns. No root privileges are needed to build it (see cpio.ts).
+ * ends the VM when it ends. No root privileges are needed to build it (see cpio.ts).
  */
 import { readFile } from 'node:fs/promises';
 import { gzipSync } from 'node:zlib';
@@ -27,12 +27,14 @@ export const REQUIRED_APPLETS: readonly string[] = [
 ];
 
 /**
- * busybox init (PID 1) starts the agent and respawns it if it dies. There is no rc script: the agent
- * mounts /proc, /sys, /dev, /tmp, /run and sets the hostname itself at start (guest/agent.c,
- * guest_setup), in system calls rather than one emulated process per step.
+ * busybox init (PID 1) starts the agent once, and an agent that dies takes the VM down with it: a
+ * respawned agent would know nothing of the session, and the host would wait on a command that
+ * has already ended. The VMM's exit then tells the host at once (exit 125). There is no rc script:
+ * the agent mounts /proc, /sys, /dev, /tmp, /run and sets the hostname itself at start
+ * (guest/agent.c, guest_setup), in system calls rather than one emulated process per step.
  */
-export const INITTAB = `# busybox init: start (and respawn) the mvm guest agent, which sets up the early mounts itself.
-::respawn:${GUEST_AGENT_PATH}
+export const INITTAB = `# busybox init: start the mvm guest agent, which sets up the early mounts itself; when it ends, so does the VM.
+::once:/bin/busybox sh -c '${GUEST_AGENT_PATH}; exec /bin/busybox reboot -f'
 ::ctrlaltdel:/bin/busybox reboot -f
 ::shutdown:/bin/busybox sync
 `;

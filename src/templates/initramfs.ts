@@ -8,7 +8,7 @@
  *      is `mvmroot`, mounts it (ext4) on /newroot, mounts
  *      proc, sysfs, /dev (rbind), tmpfs /tmp and /run inside, and puts the agent on a read-only tmpfs
  *      at /newroot/.mvm (the reserved path).
- *   2. init respawns `chroot /newroot /.mvm/mvm-agent`.
+ *   2. init runs `chroot /newroot /.mvm/mvm-agent` once, and reboots (ends the VM) when it ends.
  *
  * Nothing of ours is written into the user's files: /.mvm and any missing mount points are added to
  * the ext4 image when it is built, and the agent only ever lives in memory.
@@ -27,7 +27,7 @@ export const TEMPLATE_LAYOUT_VERSION = 2;
 
 export const TEMPLATE_INITTAB = `# mvm template boot: busybox init (PID 1, in the initramfs) supervises the agent chrooted into the root drive.
 ::sysinit:/etc/init.d/mvm-root
-::respawn:/bin/busybox chroot /newroot /${RESERVED_DIR}/mvm-agent
+::once:/bin/busybox sh -c '/bin/busybox chroot /newroot /${RESERVED_DIR}/mvm-agent; exec /bin/busybox reboot -f'
 ::ctrlaltdel:/bin/busybox reboot -f
 ::shutdown:/bin/busybox sync
 `;

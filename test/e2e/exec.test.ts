@@ -1,11 +1,12 @@
 // End to end: real mvmctl, real QEMU (TCG on machines without KVM), real kernel, real guest agent.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { collect, isolatedEnv, mvmctl, startMvmctl, vmmPidsMentioning, waitForOutput } from './helpers.js';
+import { collect, isolatedEnv, mvmctl, startMvmctl, vmmPidsMentioning, vmProcessesMentioning, waitForOutput } from './helpers.js';
 
 const { env, stateDir, cleanup } = isolatedEnv();
 const vmsDir = join(stateDir, 'vms');
@@ -16,8 +17,8 @@ function runningVmDirs(): string[] {
 
 async function assertNothingLeft(): Promise<void> {
   // The VMM is killed before mvmctl exits; give the kernel a moment to reap it.
-  for (let i = 0; i < 50 && vmmPidsMentioning(stateDir).length > 0; i++) await sleep(100);
-  assert.deepEqual(vmmPidsMentioning(stateDir), [], 'no VMM process may outlive its run');
+  for (let i = 0; i < 50 && vmProcessesMentioning(stateDir).length > 0; i++) await sleep(100);
+  assert.deepEqual(vmProcessesMentioning(stateDir), [], 'no VMM or vsock device process may outlive its run');
   assert.deepEqual(runningVmDirs(), [], 'no state dir may outlive its run');
 }
 
@@ -135,20 +136,42 @@ describe('mvmctl exec', () => {
     await assertNothingLeft();
   });
 
-  test('SIGKILL of mvmctl: the VMM dies with it and the next ls reaps its state', async () => {
-    const child = startMvmctl(['exec', '--', 'sh', '-c', 'echo ready; sleep 100'], env);
-    const done = collect(child);
-    await waitForOutput(child, 'ready');
-    child.kill('SIGKILL');
-    await done;
-    for (let i = 0; i < 50 && vmmPidsMentioning(stateDir).length > 0; i++) await sleep(100);
-    assert.deepEqual(vmmPidsMentioning(stateDir), []);
-    assert.equal(runningVmDirs().length, 1, 'the killed run left its state dir');
-    const ls = await mvmctl(['ls', '--json'], env);
-    assert.equal(ls.code, 0, ls.stderr);
-    assert.deepEqual(JSON.parse(ls.stdout.toString()), []);
-    await assertNothingLeft();
-  });
+  test(
+    'the agent channel: vsock for a cold boot where vhost-device-vsock is installed, the virtio-serial port for a restore and with MVM_QEMU_VSOCK=0',
+    { skip: process.env.MVM_BACKEND === 'firecracker' ? 'QEMU channels; Firecracker always uses its vsock' : false },
+    async () => {
+      const installed = spawnSync('sh', ['-c', 'command -v vhost-device-vsock']).status === 0;
+      const channel = (stderr: string) => /\[timing\] VMM started \(agent over ([^)]+\)?)\)/.exec(stderr)?.[1];
+      const cold = await mvmctl(['exec', '-v', '--no-snapshot', '--', 'echo', 'cold'], env);
+      assert.equal(cold.stdout.toString(), 'cold\n', cold.stderr);
+      assert.equal(channel(cold.stderr), installed ? 'vsock (vhost-device-vsock)' : 'virtio-serial port', cold.stderr);
+      const serial = await mvmctl(['exec', '-v', '--no-snapshot', '--', 'echo', 'serial'], { ...env, MVM_QEMU_VSOCK: '0' });
+      assert.equal(serial.stdout.toString(), 'serial\n', serial.stderr);
+      assert.equal(channel(serial.stderr), 'virtio-serial port');
+      const restored = await mvmctl(['exec', '-v', '--', 'echo', 'restored'], env);
+      assert.equal(restored.stdout.toString(), 'restored\n', restored.stderr);
+      assert.equal(channel(restored.stderr), 'virtio-serial port');
+      await assertNothingLeft();
+    },
+  );
+
+  // Restored runs use the virtio-serial port; cold ones vsock where vhost-device-vsock is installed.
+  for (const flags of [[], ['--no-snapshot']]) {
+    test(`SIGKILL of mvmctl${flags.length ? ' (cold boot)' : ''}: the VMM and its devices die with it and the next ls reaps its state`, async () => {
+      const child = startMvmctl(['exec', ...flags, '--', 'sh', '-c', 'echo ready; sleep 100'], env);
+      const done = collect(child);
+      await waitForOutput(child, 'ready');
+      child.kill('SIGKILL');
+      await done;
+      for (let i = 0; i < 50 && vmProcessesMentioning(stateDir).length > 0; i++) await sleep(100);
+      assert.deepEqual(vmProcessesMentioning(stateDir), []);
+      assert.equal(runningVmDirs().length, 1, 'the killed run left its state dir');
+      const ls = await mvmctl(['ls', '--json'], env);
+      assert.equal(ls.code, 0, ls.stderr);
+      assert.deepEqual(JSON.parse(ls.stdout.toString()), []);
+      await assertNothingLeft();
+    });
+  }
 
   test('SIGKILL of mvmctl: the next exec reaps the state the killed run left', async () => {
     const child = startMvmctl(['exec', '--', 'sh', '-c', 'echo ready; sleep 100'], env);

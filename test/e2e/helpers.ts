@@ -74,31 +74,43 @@ export function waitForOutput(child: ChildProcess, text: string, timeoutMs = 120
   });
 }
 
-/**
- * PIDs of VMM processes (QEMU, Firecracker or its test double) whose command line mentions
- * `marker` (a VM's state dir, say): one per VM, so the QEMU a Firecracker test double runs is
- * counted with its double.
- */
-export function vmmPidsMentioning(marker: string): number[] {
-  const found = new Map<number, number>();
+/** Programs a VM runs on the host: the VMM (QEMU, Firecracker or its test double) and QEMU's vsock device. */
+const VM_PROCESS = /qemu-system|firecracker|vhost-device-vsock/;
+
+/** PID and parent PID of every VM process whose command line mentions `marker` (a VM's state dir, say). */
+function vmProcesses(marker: string): Map<number, { parent: number; cmdline: string }> {
+  const found = new Map<number, { parent: number; cmdline: string }>();
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       const cmdline = readFileSync(`/proc/${entry}/cmdline`, 'utf8');
-      if (!(cmdline.includes('qemu-system') || cmdline.includes('firecracker')) || !cmdline.includes(marker)) continue;
+      if (!VM_PROCESS.test(cmdline) || !cmdline.includes(marker)) continue;
       const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
-      found.set(Number(entry), Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]));
+      found.set(Number(entry), { parent: Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]), cmdline });
     } catch {
       // exited while we looked
     }
   }
-  return [...found].filter(([, parent]) => !found.has(parent)).map(([pid]) => pid);
+  return found;
 }
 
-/** No VMM process and no VM state directory may outlive a run (the VMM is reaped just after mvmctl exits). */
+/** Every VM process mentioning `marker`: none may outlive its run. */
+export function vmProcessesMentioning(marker: string): number[] {
+  return [...vmProcesses(marker).keys()];
+}
+
+/**
+ * VMMs mentioning `marker`, one per VM: the QEMU a Firecracker test double runs counts with its
+ * double, and vsock devices are not VMMs.
+ */
+export function vmmPidsMentioning(marker: string): number[] {
+  const found = vmProcesses(marker);
+  return [...found].filter(([, process]) => !found.has(process.parent) && !process.cmdline.includes('vhost-device-vsock')).map(([pid]) => pid);
+}
+
 export async function assertNoVmLeft(stateDir: string): Promise<void> {
-  for (let i = 0; i < 50 && vmmPidsMentioning(stateDir).length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
-  assert.deepEqual(vmmPidsMentioning(stateDir), [], 'no VMM process may outlive its run');
+  for (let i = 0; i < 50 && vmProcessesMentioning(stateDir).length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.deepEqual(vmProcessesMentioning(stateDir), [], 'no VMM or vsock device process may outlive its run');
   const vms = join(stateDir, 'vms');
   assert.deepEqual(existsSync(vms) ? readdirSync(vms) : [], [], 'no state dir may outlive its run');
 }

@@ -8,7 +8,7 @@ import { recordVerdict, type VerdictKey } from '../../src/accel/index.js';
 import { formatReport } from '../../src/cli/doctor.js';
 import { type Check, checkQemu, doctorReport } from '../../src/doctor/checks.js';
 import { checkDirectory } from '../../src/doctor/dirs.js';
-import { checkAccelerator, checkVhostVsock } from '../../src/doctor/host.js';
+import { checkAccelerator, checkVhostDeviceVsock } from '../../src/doctor/host.js';
 
 let scratch: string;
 
@@ -132,10 +132,13 @@ describe('doctor: accelerator', () => {
 });
 
 describe('doctor: host devices and directories', () => {
-  it('reports an absent /dev/vhost-vsock as a warning only', () => {
-    const vsock = checkVhostVsock(join(scratch, 'empty-root'));
+  it('reports an absent vhost-device-vsock as a warning only, naming the fallback and the fix', () => {
+    const vsock = checkVhostDeviceVsock({ MVM_VHOST_DEVICE_VSOCK: join(scratch, 'no-such-vhost-device-vsock') });
     assert.equal(vsock.status, 'warn');
-    assert.match(vsock.summary, /not needed/);
+    assert.match(vsock.summary, /virtio-serial port/);
+    assert.match(vsock.fix ?? '', /vhost-device-vsock/);
+    const off = checkVhostDeviceVsock({ MVM_QEMU_VSOCK: '0' });
+    assert.equal(off.status, 'ok');
   });
 
   it('warns about a group-writable state dir and says how to fix it', async () => {

@@ -109,7 +109,7 @@ describe('initramfs layout', () => {
     assert.equal(byPath.get('dev/console')!.mode, S_IFCHR | 0o600);
     assert.equal(byPath.get('dev/null')!.mode, S_IFCHR | 0o666);
     assert.equal(byPath.get('etc/inittab')!.data.toString(), INITTAB);
-    assert.match(INITTAB, /^::respawn:\/sbin\/mvm-agent$/m);
+    assert.match(INITTAB, /^::once:\/bin\/busybox sh -c '\/sbin\/mvm-agent; exec \/bin\/busybox reboot -f'$/m);
     assert.match(byPath.get('etc/passwd')!.data.toString(), /^root:x:0:0:/);
     assert.match(byPath.get('etc/group')!.data.toString(), /^root:x:0:/);
     assert.equal(byPath.get('root')!.mode, S_IFDIR | 0o700);

@@ -44,6 +44,21 @@ describe('QEMU arguments for templates and snapshots', () => {
     assert.ok(args.indexOf('virtio-blk-device,drive=drive0,serial=mvm0') > root);
   });
 
+  test('vsock: RAM shared with the device through a memfd, the vhost-user device on its socket, no virtio-serial port', () => {
+    const args = qemuArgs({ ...base, runDir: '/st,ate/x' }, { vsock: true });
+    assert.ok(args.includes('microvm,acpi=off,memory-backend=mem'));
+    assert.ok(args.includes('memory-backend-memfd,id=mem,size=512M,share=on'));
+    assert.ok(args.includes('socket,id=vhostvsock,path=/st,,ate/x/vhost-vsock.sock'));
+    assert.ok(args.includes('vhost-user-vsock-device,chardev=vhostvsock'));
+    assert.ok(!args.includes('virtio-serial-device'));
+    assert.ok(args[args.indexOf('-append') + 1]!.split(' ').includes('mvm.agent=vsock'));
+  });
+
+  test('a root drive is raw unless it is a qcow2 overlay the backend made', () => {
+    assert.ok(qemuArgs({ ...base, rootDrive: { path: '/s/disk.qcow2', copyOnWrite: true } }).includes('file=/s/disk.qcow2,format=qcow2,if=none,id=rootdrive,snapshot=on'));
+    assert.ok(qemuArgs({ ...base, rootDrive: { path: '/t/rootfs.qcow2.ext4', copyOnWrite: false } }).includes('file=/t/rootfs.qcow2.ext4,format=raw,if=none,id=rootdrive,snapshot=off'));
+  });
+
   test('capture: RAM in a shared file and a monitor; restore: private mapping and -incoming defer', () => {
     const capture = qemuArgs({ ...base, snapshot: { mode: 'capture', dir: '/s' } });
     assert.ok(capture.includes('microvm,acpi=off,memory-backend=mem'));
@@ -58,7 +73,7 @@ describe('QEMU arguments for templates and snapshots', () => {
 
 describe('template boot scripts', () => {
   test('init supervises the agent chrooted into the root drive found by serial', () => {
-    assert.match(TEMPLATE_INITTAB, /^::respawn:\/bin\/busybox chroot \/newroot \/\.mvm\/mvm-agent$/m);
+    assert.match(TEMPLATE_INITTAB, /^::once:\/bin\/busybox sh -c '\/bin\/busybox chroot \/newroot \/\.mvm\/mvm-agent; exec \/bin\/busybox reboot -f'$/m);
     assert.match(MVM_ROOT_SCRIPT, /= mvmroot \]/);
     assert.match(MVM_ROOT_SCRIPT, /mount -t ext4 -o rw,noatime "\$dev" \/newroot/);
     assert.match(MVM_ROOT_SCRIPT, /mount -o remount,ro \/newroot\/\.mvm/);

@@ -30,9 +30,19 @@ export function qmpSocketPath(runDir: string): string {
   return join(runDir, 'qmp.sock');
 }
 
+/** vhost-device-vsock's control socket, which QEMU connects to. */
+export function vhostVsockSocketPath(runDir: string): string {
+  return join(runDir, 'vhost-vsock.sock');
+}
+
+/** The hybrid vsock socket of a VM whose agent is on vsock. */
+export function hybridVsockPath(runDir: string): string {
+  return join(runDir, 'vsock.sock');
+}
+
 /** The sockets a QEMU VM leaves in its directory (cleared before another start in the same one). */
 export function qemuSocketPaths(runDir: string): string[] {
-  return [agentSocketPath(runDir), qmpSocketPath(runDir)];
+  return [agentSocketPath(runDir), qmpSocketPath(runDir), vhostVsockSocketPath(runDir), hybridVsockPath(runDir)];
 }
 
 /** Root drives are raw images, except the qcow2 overlays this backend makes itself (createSnapshotDisk). */
@@ -42,12 +52,14 @@ export function rootDriveFormat(path: string): 'raw' | 'qcow2' {
 
 export interface QemuArgsOptions {
   tscKhz?: number;
+  /** The agent is on vsock through vhost-device-vsock (its control socket: vhostVsockSocketPath). */
+  vsock?: boolean;
 }
 
 export function qemuArgs(spec: VmSpec, options: QemuArgsOptions = {}): string[] {
   const kvm = spec.accel === 'kvm';
   const snapshot = spec.snapshot;
-  const memoryBackend = memoryBackendArg(spec);
+  const memoryBackend = memoryBackendArg(spec, options);
   const kernelArgs = [
     'console=ttyS0',
     // The machine has no ACPI tables (acpi=off below); without this the kernel logs an error looking for them.
@@ -56,7 +68,7 @@ export function qemuArgs(spec: VmSpec, options: QemuArgsOptions = {}): string[] 
     'reboot=t',
     'panic=-1',
     ...(kvm ? [] : ['noapictimer', ...(options.tscKhz ? [`tsc_early_khz=${options.tscKhz}`] : [])]),
-    `mvm.agent=port:${AGENT_PORT_NAME}`,
+    options.vsock ? 'mvm.agent=vsock' : `mvm.agent=port:${AGENT_PORT_NAME}`,
     ...spec.kernelArgs,
   ];
   const args = [
@@ -77,9 +89,16 @@ export function qemuArgs(spec: VmSpec, options: QemuArgsOptions = {}): string[] 
     ...(spec.initrd ? ['-initrd', spec.initrd] : []),
     '-append', kernelArgs.join(' '),
     '-device', 'virtio-rng-device',
-    '-device', 'virtio-serial-device',
-    '-chardev', `socket,id=agent,path=${optionValue(agentSocketPath(spec.runDir))},server=on,wait=off`,
-    '-device', `virtserialport,chardev=agent,name=${AGENT_PORT_NAME}`,
+    ...(options.vsock
+      ? [
+          '-chardev', `socket,id=vhostvsock,path=${optionValue(vhostVsockSocketPath(spec.runDir))}`,
+          '-device', 'vhost-user-vsock-device,chardev=vhostvsock',
+        ]
+      : [
+          '-device', 'virtio-serial-device',
+          '-chardev', `socket,id=agent,path=${optionValue(agentSocketPath(spec.runDir))},server=on,wait=off`,
+          '-device', `virtserialport,chardev=agent,name=${AGENT_PORT_NAME}`,
+        ]),
   ];
   if (spec.rootDrive) {
     args.push(
@@ -100,10 +119,12 @@ export function qemuArgs(spec: VmSpec, options: QemuArgsOptions = {}): string[] 
 /**
  * Guest RAM in a file for snapshots. share=on: the captured guest's RAM writes land in the file.
  * share=off: a private copy-on-write mapping (restore), so the file is never modified and any
- * number of VMs can map it.
+ * number of VMs can map it. vhost-user devices need the RAM shared with their process (memfd).
  */
-function memoryBackendArg(spec: VmSpec): string | undefined {
-  if (!spec.snapshot) return undefined;
-  const ram = optionValue(join(spec.snapshot.dir, SNAPSHOT_FILES.memory));
-  return `memory-backend-file,id=mem,mem-path=${ram},size=${spec.memoryMiB}M,share=${spec.snapshot.mode === 'capture' ? 'on' : 'off'}`;
+function memoryBackendArg(spec: VmSpec, options: QemuArgsOptions): string | undefined {
+  if (spec.snapshot) {
+    const ram = optionValue(join(spec.snapshot.dir, SNAPSHOT_FILES.memory));
+    return `memory-backend-file,id=mem,mem-path=${ram},size=${spec.memoryMiB}M,share=${spec.snapshot.mode === 'capture' ? 'on' : 'off'}`;
+  }
+  return options.vsock ? `memory-backend-memfd,id=mem,size=${spec.memoryMiB}M,share=on` : undefined;
 }

@@ -9,11 +9,15 @@ import { findExecutable } from '../../which.js';
 import { ConsoleBuffer } from '../console.js';
 import { vmmIdentityOf, vmmVersionOf, type VmmIdentity } from '../vmm-binary.js';
 import { SNAPSHOT_FILES, type Backend, type BackendCapabilities, type GuestFailure, type RunningVm, type VmExit, type VmSpec } from '../types.js';
-import { agentSocketPath, hostTscKhz, qemuArgs, qemuSocketPaths, qmpSocketPath } from './args.js';
+import { AGENT_VSOCK_PORT } from '../../protocol/constants.js';
+import { connectHybridVsock } from '../vsock/hybrid.js';
+import { agentSocketPath, hostTscKhz, hybridVsockPath, qemuArgs, qemuSocketPaths, qmpSocketPath, vhostVsockSocketPath } from './args.js';
+import { findVhostDeviceVsock, startVhostVsock, type VhostVsockDevice } from './vhost-vsock.js';
 import { Qmp } from './qmp.js';
 import { connectWhenListening } from '../unix-socket.js';
 
 export { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath } from './args.js';
+export { findVhostDeviceVsock } from './vhost-vsock.js';
 
 
 function shellQuote(value: string): string {
@@ -46,10 +50,7 @@ export class QemuBackend implements Backend {
   constructor(private readonly qemuBinary = process.env.MVM_QEMU || 'qemu-system-x86_64') {}
 
   capabilities(): BackendCapabilities {
-    // The agent talks over a virtio-serial port: Node.js has no AF_VSOCK sockets, and the port
-    // works without /dev/vhost-vsock. (vhost-device-vsock would give QEMU Firecracker's hybrid
-    // vsock, but QEMU 7.2 cannot migrate a VM with it, so snapshots would keep the port anyway.)
-    return { accels: ['kvm', 'tcg'], snapshots: true, vsock: false, restoredDrivesReadOnly: true };
+    return { accels: ['kvm', 'tcg'], snapshots: true, vsock: findVhostDeviceVsock() !== undefined, restoredDrivesReadOnly: true };
   }
 
   private qemuPath(): string {
@@ -87,7 +88,12 @@ export class QemuBackend implements Backend {
     // A VM directory may see a second start (a TCG boot after KVM failed, a cold boot after a
     // failed restore): the first one's sockets would be mistaken for the new VMM's.
     await Promise.all(qemuSocketPaths(spec.runDir).map((path) => rm(path, { force: true })));
-    const args = qemuArgs(spec, { tscKhz: hostTscKhz() });
+    const vsock = this.usesVsock(spec);
+    // The device first: QEMU connects to its control socket as it starts.
+    const device = vsock
+      ? await startVhostVsock({ binary: vsock, setpriv, controlSocket: vhostVsockSocketPath(spec.runDir), udsPath: hybridVsockPath(spec.runDir), signal })
+      : undefined;
+    const args = qemuArgs(spec, { tscKhz: hostTscKhz(), vsock: device !== undefined });
     // setpriv execs QEMU in place (same pid) with a parent-death signal, so the VMM dies with
     // mvmctl even when mvmctl is killed with SIGKILL and has no chance to clean up.
     const child = spawn(setpriv, ['--pdeathsig', 'KILL', '--', qemu, ...args], {
@@ -95,7 +101,7 @@ export class QemuBackend implements Backend {
       // snapshot=on drives put their temporary overlay in TMPDIR: keep it in the VM's own directory.
       ...(spec.rootDrive?.copyOnWrite ? { env: { ...process.env, TMPDIR: spec.runDir } } : {}),
     });
-    const vm = new QemuVm(spec, child);
+    const vm = new QemuVm(spec, child, device);
     if (spec.snapshot?.mode === 'restore') {
       try {
         await vm.restore(signal);
@@ -105,6 +111,16 @@ export class QemuBackend implements Backend {
       }
     }
     return vm;
+  }
+
+  /**
+   * The agent's channel: vsock where vhost-device-vsock is installed and the VM is neither taken
+   * into nor restored from a snapshot (QEMU 7.2 cannot migrate it); the virtio-serial port
+   * otherwise, or with MVM_QEMU_VSOCK=0. Returns the device's binary for vsock.
+   */
+  private usesVsock(spec: VmSpec): string | undefined {
+    if (spec.snapshot || process.env.MVM_QEMU_VSOCK === '0') return undefined;
+    return findVhostDeviceVsock();
   }
 }
 
@@ -120,10 +136,18 @@ class QemuVm implements RunningVm {
   private readonly watch = new AbortController();
   private qmpClient?: Promise<Qmp>;
 
-  readonly agentChannel = 'virtio-serial port';
+  readonly agentChannel: string;
 
-  constructor(private readonly spec: VmSpec, private readonly child: ChildProcess) {
-    if (child.pid === undefined) throw new MvmError(`could not start QEMU for ${spec.name}`);
+  constructor(
+    private readonly spec: VmSpec,
+    private readonly child: ChildProcess,
+    private readonly vsockDevice?: VhostVsockDevice,
+  ) {
+    if (child.pid === undefined) {
+      void vsockDevice?.kill();
+      throw new MvmError(`could not start QEMU for ${spec.name}`);
+    }
+    this.agentChannel = vsockDevice ? 'vsock (vhost-device-vsock)' : 'virtio-serial port';
     this.vmmPid = child.pid;
     this.failed = new Promise((resolve) => {
       this.reportFailure = resolve;
@@ -160,6 +184,8 @@ class QemuVm implements RunningVm {
         resolve({ code: null, signal: null });
       });
     });
+    // The vsock device serves this VMM only: it goes when the VMM does.
+    void this.exited.then(() => vsockDevice?.kill());
     void this.exited.then(({ code, signal }) =>
       this.reportFailure({ reason: `the VMM exited (${signal ? `signal ${signal}` : `status ${code}`})`, accelFailure: false }),
     );
@@ -195,7 +221,9 @@ class QemuVm implements RunningVm {
       goneError: () => new MvmError(`QEMU exited before the guest agent channel opened`, 125, this.consoleTail(20)),
       retryMs: 10,
     };
-    return connectWhenListening(agentSocketPath(this.spec.runDir), options);
+    return this.vsockDevice
+      ? connectHybridVsock(hybridVsockPath(this.spec.runDir), AGENT_VSOCK_PORT, { ...options, retryMs: 20 })
+      : connectWhenListening(agentSocketPath(this.spec.runDir), options);
   }
 
   private qmp(signal: AbortSignal): Promise<Qmp> {
@@ -239,7 +267,7 @@ class QemuVm implements RunningVm {
 
   async kill(): Promise<VmExit> {
     if (!this.hasExited) this.child.kill('SIGKILL');
-    const exit = await this.exited;
+    const [exit] = await Promise.all([this.exited, this.vsockDevice?.kill()]);
     void this.qmpClient?.then((qmp) => qmp.close(), () => {});
     return exit;
   }
