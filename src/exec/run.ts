@@ -8,7 +8,7 @@ import type { Backend, RunningVm, VmSpec } from '../backends/types.js';
 import { recoverInterruptedSyncs, stageAddDir, syncBack, type AddDirSpec, type StagedDir } from '../dirsync/index.js';
 import { MvmError } from '../errors.js';
 import type { Progress } from '../progress.js';
-import { EXIT_TIMED_OUT, exitStatusToCode, type AgentSession, type ExecHandle, type ExitStatus } from '../protocol/index.js';
+import { AgentConnectionError, EXIT_TIMED_OUT, exitStatusToCode, type AgentSession, type ExecHandle, type ExitStatus } from '../protocol/index.js';
 import { listVms } from '../state/registry.js';
 import type { Accel, AccelChoice } from '../accel/index.js';
 import { bootVm, openAgentSession, OwnedVm, planBootAccel, type BootImage, type RestorePlan, type SnapshotChoice } from '../vm/index.js';
@@ -304,7 +304,17 @@ async function runCommand(session: AgentSession, vm: RunningVm, request: ExecReq
     throw new MvmError(`the VM stopped before the command finished (${why})`, 125, vm.consoleTail(20));
   });
   try {
-    const status = await Promise.race([handle.exit, deadlinePassed, vmDied]);
+    const status = await Promise.race([
+      handle.exit.catch(async (error: unknown) => {
+        if (!(error instanceof AgentConnectionError) || signal.aborted) throw error;
+        // The agent's end of the connection went first; the VM's end (a crash, the guest's init
+        // ending the VM when its agent died) follows within moments and says more.
+        await Promise.race([vmDied, sleep(1_000, undefined, { ref: false })]);
+        throw new MvmError(`the guest agent went away before the command finished (${error.message})`, 125, vm.consoleTail(20));
+      }),
+      deadlinePassed,
+      vmDied,
+    ]);
     // Output written before EXIT is still on its way to io.stdout/io.stderr; only a VM the host had
     // to kill leaves streams that will never end.
     if (!vmKilledByHost) await Promise.all([finished(handle.stdout), finished(handle.stderr)]);

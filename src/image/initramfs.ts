@@ -11,7 +11,7 @@ import { lastLine, runTool } from '../run-tool.js';
 import { type CpioEntry, normalizeCpioPath, writeCpio } from './cpio.js';
 
 /** Bump whenever the layout or the init scripts change: it is part of the image manifest. */
-export const INITRAMFS_LAYOUT_VERSION = 2;
+export const INITRAMFS_LAYOUT_VERSION = 3;
 
 /** Where things live inside the guest. */
 export const GUEST_INIT_PATH = '/sbin/init';

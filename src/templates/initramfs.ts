@@ -23,7 +23,7 @@ export const RESERVED_DIR = '.mvm';
 /** Mount points mvmctl needs in the root file system; created in the image when the user's tree lacks them. */
 export const MOUNT_POINTS: readonly string[] = ['proc', 'sys', 'dev', 'tmp', 'run', RESERVED_DIR];
 /** Bump when the scripts below or the image layout change (part of the template metadata). */
-export const TEMPLATE_LAYOUT_VERSION = 2;
+export const TEMPLATE_LAYOUT_VERSION = 3;
 
 export const TEMPLATE_INITTAB = `# mvm template boot: busybox init (PID 1, in the initramfs) supervises the agent chrooted into the root drive.
 ::sysinit:/etc/init.d/mvm-root

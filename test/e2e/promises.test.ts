@@ -269,30 +269,31 @@ describe('mvmctl down', () => {
 });
 
 describe('a guest that dies mid-command', () => {
-  test('a kernel panic (panic_on_oom) exits 125 with one line; output from before it is kept', async () => {
+  test('a kernel panic (panic_on_oom) exits 125 with one line and the console tail; output from before it is kept', async () => {
     // overcommit lets dd's 1 GiB buffer be allocated in a 512 MiB guest; filling it is the OOM.
     const crash = 'echo before; echo 1 > /proc/sys/vm/overcommit_memory; echo 1 > /proc/sys/vm/panic_on_oom; dd if=/dev/zero of=/dev/null bs=1G count=1; echo after';
     const result = await mvmctl(['exec', '--', 'sh', '-c', crash], env);
     await assertNothingLeft();
     assert.equal(result.code, 125, result.stderr);
     assert.equal(result.stdout.toString(), 'before\n');
-    assert.match(result.stderr, /^mvmctl: [^\n]+\n$/);
+    assert.match(result.stderr, /^mvmctl: the VM stopped before the command finished [^\n]+\n(  \| .*\n)*$/, 'one line, then the console tail');
   });
 
-  test('a guest that reboots under the command exits 125 with one line', async () => {
+  test('a guest that reboots under the command exits 125 with one line and the console tail', async () => {
     const result = await mvmctl(['exec', '--', 'sh', '-c', 'echo before; reboot -f; sleep 30; echo after'], env);
     await assertNothingLeft();
     assert.equal(result.code, 125, result.stderr);
     assert.equal(result.stdout.toString(), 'before\n');
-    assert.match(result.stderr, /^mvmctl: [^\n]+\n$/);
+    assert.match(result.stderr, /^mvmctl: the VM stopped before the command finished [^\n]+\n(  \| .*\n)*$/, 'one line, then the console tail');
   });
 
   // The guest's init ends the VM when the agent ends, rather than respawning an agent that knows no session.
   test('an agent killed under the command ends the run at once: exit 125', async () => {
-    const result = await mvmctl(['exec', '--timeout', '60', '--', 'sh', '-c', 'echo before; kill -9 $PPID; sleep 1; echo after'], env);
+    const result = await mvmctl(['exec', '--timeout', '60', '--', 'sh', '-c', 'echo before; sleep 1; kill -9 $PPID; sleep 1; echo after'], env);
     await assertNothingLeft();
     assert.equal(result.stdout.toString(), 'before\n');
     assert.equal(result.code, 125, result.stderr);
+    assert.match(result.stderr, /^mvmctl: the VM stopped before the command finished [^\n]+\n(  \| .*\n)*$/, 'one line, then the console tail');
   });
 });
 
