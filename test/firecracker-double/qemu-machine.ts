@@ -1,17 +1,20 @@
 /**
  * The guest behind the Firecracker test double: QEMU microvm, started through mvmctl's own QEMU
- * backend. The guest's agent is on a virtio-serial port, and the double itself serves the vsock
- * `uds_path` the API gave, answering Firecracker's `CONNECT <port>` with `OK` and relaying bytes:
- * a test tool's stand-in for vsock, not vsock. (Real vsock through vhost-device-vsock works with
- * QEMU, but QEMU 7.2 cannot migrate a VM with that device, and the double must snapshot.) Guest
- * RAM lives in a file, so snapshot/create and snapshot/load work through QEMU's migration.
- * The guest runs under TCG unless MVM_FC_DOUBLE_ACCEL=kvm: the double stands for a Firecracker on
- * a host where KVM works, which these machines are not.
+ * backend, under TCG unless MVM_FC_DOUBLE_ACCEL=kvm (the double stands for a Firecracker on a host
+ * where KVM works, which these machines are not). MVM_FC_DOUBLE_VSOCK chooses how the vsock
+ * `uds_path` the API gave is served:
+ *  - `bridge` (default): the guest's agent is on a virtio-serial port, and the double answers
+ *    Firecracker's `CONNECT <port>` with `OK` itself and relays the bytes: a test tool's stand-in
+ *    for vsock, not vsock. Guest RAM lives in a file, so snapshot/create and snapshot/load work
+ *    through QEMU's migration.
+ *  - `vhost-user`: real vsock, vhost-device-vsock serving the guest's vsock at `uds_path`. QEMU 7.2
+ *    cannot migrate such a VM, so snapshot/create and snapshot/load answer an error.
  */
 import { copyFile, mkdir, readFile, rename, rm, symlink, unlink, writeFile } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
+import { hybridVsockPath } from '../../src/backends/qemu/args.js';
 import { QemuBackend } from '../../src/backends/qemu/index.js';
 import { SNAPSHOT_FILES, type RunningVm, type VmSpec } from '../../src/backends/types.js';
 import { driveSerial, ROOT_DRIVE_SERIAL } from '../../src/backends/drives.js';
@@ -20,6 +23,15 @@ import type { DriveConfig, Machine, MachineConfig, SnapshotLoad } from './machin
 /** Boot arguments QEMU's backend sets itself, in its own way. */
 const FIRECRACKER_ONLY_ARGS = /^(console|reboot|panic|pci|mvm\.agent)=/;
 const SIDE_CAR = '.double.json';
+const NO_SNAPSHOT_ON_VSOCK = 'the test double cannot snapshot or restore a guest on vhost-user vsock (QEMU 7.2 cannot migrate it): run it with MVM_FC_DOUBLE_VSOCK=bridge';
+
+type VsockMode = 'bridge' | 'vhost-user';
+
+function vsockMode(): VsockMode {
+  const mode = process.env.MVM_FC_DOUBLE_VSOCK || 'bridge';
+  if (mode !== 'bridge' && mode !== 'vhost-user') throw new Error(`MVM_FC_DOUBLE_VSOCK=${mode}: use bridge or vhost-user`);
+  return mode;
+}
 
 export class QemuMachine implements Machine {
   readonly ended: Promise<void>;
@@ -32,14 +44,15 @@ export class QemuMachine implements Machine {
   private config?: MachineConfig;
   /** Like Firecracker's, a VM that was snapshotted stays (paused) until the process is killed. */
   private snapshotTaken = false;
+  private readonly mode = vsockMode();
 
   constructor(private readonly name: string, private readonly workDir: string) {
     this.ended = new Promise((resolve) => (this.endNow = resolve));
   }
 
-  /** Every VM may be snapshotted later, so its RAM is in a file from the start. */
+  /** With the bridge, every VM may be snapshotted later, so its RAM is in a file from the start. */
   async start(config: MachineConfig): Promise<void> {
-    await this.boot(config, { mode: 'capture', dir: this.workDir });
+    await this.boot(config, this.mode === 'bridge' ? { mode: 'capture', dir: this.workDir } : undefined);
   }
 
   /** Pausing takes effect when the snapshot is written (QEMU stops the guest for its migration). */
@@ -53,6 +66,7 @@ export class QemuMachine implements Machine {
   }
 
   async createSnapshot(snapshotPath: string, memFilePath: string): Promise<void> {
+    if (this.mode === 'vhost-user') throw new Error(NO_SNAPSHOT_ON_VSOCK);
     if (!this.vm?.saveSnapshot || !this.config) throw new Error('the test double has no running guest to snapshot');
     this.snapshotTaken = true;
     await this.vm.saveSnapshot(this.abort.signal);
@@ -63,6 +77,7 @@ export class QemuMachine implements Machine {
   }
 
   async loadSnapshot(load: SnapshotLoad): Promise<void> {
+    if (this.mode === 'vhost-user') throw new Error(NO_SNAPSHOT_ON_VSOCK);
     const config = JSON.parse(await readFile(load.snapshotPath + SIDE_CAR, 'utf8')) as MachineConfig;
     if (load.vsockUdsPath && config.vsock) config.vsock = { ...config.vsock, udsPath: load.vsockUdsPath };
     if (load.resumeVm) return this.restore(load, config);
@@ -108,7 +123,15 @@ export class QemuMachine implements Machine {
     void vm.exited.then(() => {
       if (!this.snapshotTaken) this.endNow();
     });
-    if (config.vsock) this.bridge = await serveBridge(config.vsock.udsPath, vm, this.abort.signal);
+    if (!config.vsock) return;
+    if (this.mode === 'bridge') {
+      this.bridge = await serveBridge(config.vsock.udsPath, vm, this.abort.signal);
+      return;
+    }
+    if (!vm.agentChannel.startsWith('vsock')) throw new Error('MVM_FC_DOUBLE_VSOCK=vhost-user needs vhost-device-vsock (see scripts/setup)');
+    // The device serves the guest's vsock in the QEMU VM's directory; the API named another path.
+    await rm(config.vsock.udsPath, { force: true });
+    await symlink(hybridVsockPath(this.workDir), config.vsock.udsPath);
   }
 
   async stop(): Promise<void> {
