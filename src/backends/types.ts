@@ -1,5 +1,6 @@
 import type { Duplex } from 'node:stream';
 import type { Accel } from '../accel/index.js';
+import type { PortForward } from '../net/spec.js';
 import type { VmmIdentity } from './vmm-binary.js';
 
 /** An extra block device given to the guest, e.g. an `--add-dir` image. Appears as /dev/vdb, /dev/vdc… in order. */
@@ -36,6 +37,17 @@ export interface SnapshotSpec {
   dir: string;
 }
 
+/**
+ * The guest's NIC, addressed as src/net/spec.ts GUEST_NET says (the kernel's `ip=` argument in
+ * `kernelArgs` configures it). `restricted`: nothing the guest sends leaves the host's VMM except
+ * connections to the proxy address, which go to `proxySocket`, and the answers to `forwards`.
+ */
+export interface NicSpec {
+  restricted: boolean;
+  proxySocket?: string;
+  forwards: readonly PortForward[];
+}
+
 export interface VmSpec {
   /** Unique VM name, e.g. exec-1f2e-a81c. */
   name: string;
@@ -53,6 +65,8 @@ export interface VmSpec {
   /** A template's root drive (attached before `drives`, serial `mvmroot`). */
   rootDrive?: RootDriveSpec;
   snapshot?: SnapshotSpec;
+  /** The guest's NIC; absent: the guest has none. */
+  nic?: NicSpec;
   /** Receives each line the guest prints on its serial console (the kernel log, init, the agent's diagnostics). */
   onConsoleLine?: (line: string) => void;
 }
@@ -61,7 +75,6 @@ export interface BackendCapabilities {
   /** Accelerators the backend can run a guest with (Firecracker: KVM only). */
   accels: readonly Accel[];
   snapshots: boolean;
-  vsock: boolean;
   /** A restore can attach a drive read-only at the host's block layer although the captured VM had it writable. */
   restoredDrivesReadOnly: boolean;
 }
@@ -112,6 +125,8 @@ export interface Backend {
    * resumes it (resolving once the guest runs again). A failed start kills the VMM before it throws.
    */
   start(spec: VmSpec, signal: AbortSignal): Promise<RunningVm>;
+  /** Why this backend cannot give a guest `nic` on this host (one line that names the fix); undefined when it can. */
+  nicUnavailable(nic: NicSpec): string | undefined;
   /**
    * Makes in `dir` the disk a snapshot of a VM with root drive `base` is taken with: the captured
    * guest writes to it, `base` is never written. Returns its path.

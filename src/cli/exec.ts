@@ -5,6 +5,7 @@ import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB } from '../exec/default-image.js';
 import { parseEnvAssignment } from '../launchplan/env.js';
 import { progressReporter } from '../progress.js';
 import type { AccelChoice } from '../accel/index.js';
+import { NET_MODES, type NetMode } from '../net/spec.js';
 import { exec } from '../sdk/exec.js';
 import { CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js';
 import { accelOption, collect, logLine, parseIntegerIn, parseMemory } from './parse.js';
@@ -24,6 +25,9 @@ interface ExecFlags {
   manifest?: string;
   /** false with --no-snapshot. */
   snapshot: boolean;
+  net?: NetMode;
+  allowHost: string[];
+  publish: string[];
 }
 
 export function execCommand(): Command {
@@ -43,6 +47,9 @@ export function execCommand(): Command {
     .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
     .option('--manifest <name>', 'boot this template (mvmctl template build) instead of the default image; restores its snapshot when it has one')
     .option('--no-snapshot', 'boot cold even when the image or template has a snapshot')
+    .addOption(new Option('--net <mode>', "the guest's network: none (no NIC) or user (outbound through the host; default: none, or the template's)").choices(NET_MODES))
+    .option('--allow-host <NAME[:PORT]>', 'let the guest reach only this host, over HTTP(S) through a proxy on the host (repeatable; no port: 80 and 443)', collect, [])
+    .option('-p, --publish <[ADDRESS:]HOSTPORT:GUESTPORT>', 'forward a host TCP port (on 127.0.0.1 unless ADDRESS is given) to the guest (repeatable)', collect, [])
     .passThroughOptions()
     .action(async (argv: string[], flags: ExecFlags, command: Command) => {
       const env = Object.fromEntries(flags.env.map(parseEnvAssignment));
@@ -61,6 +68,9 @@ export function execCommand(): Command {
           launchPlan: flags.launchPlan,
           template: flags.manifest,
           noSnapshot: !flags.snapshot,
+          net: flags.net,
+          allowHosts: flags.allowHost,
+          publish: flags.publish,
           accel: flags.accel,
           backend: flags.backend,
           stdin: flags.interactive,

@@ -65,7 +65,7 @@ export function imageCommand(): Command {
         const built = await ensureDefaultImage({ progress, signal, kernelPath: options.kernel, force: options.force });
         if (options.snapshot) {
           const accel = await planBootAccel(backend, choice, built.kernelSha256, logLine);
-          const request = { cpus: DEFAULT_CPUS, memoryMiB: DEFAULT_MEMORY_MIB, addDirs: 0, noSnapshot: false };
+          const request = { cpus: DEFAULT_CPUS, memoryMiB: DEFAULT_MEMORY_MIB, addDirs: 0, nic: false, noSnapshot: false };
           const result = await ensureDefaultSnapshot(built, accel, { backend, request, bootTimeoutMs: bootTimeoutFromEnv(), log: logLine, progress, signal });
           if (result.warning) logLine(result.warning);
           else if (result.note && options.verbose) logLine(result.note);

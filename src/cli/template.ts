@@ -2,6 +2,7 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Command, Option } from 'commander';
 import { BACKEND_CHOICES, backendChoice, selectBackend, type BackendChoice } from '../backends/index.js';
+import { NET_MODES, type NetMode } from '../net/spec.js';
 import { MvmError } from '../errors.js';
 import { progressReporter } from '../progress.js';
 import { planBootAccel } from '../vm/index.js';
@@ -82,6 +83,7 @@ export function templateCommand(): Command {
     .option('--cpus <n>', 'default virtual CPUs for this template', parseIntegerIn(1, 64), 2)
     .option('--memory <size>', 'default guest memory for this template', parseMemory, 512)
     .option('--disk-free <size>', 'free space in the root file system for the guest to write into (sparse)', parseMemory, 1024)
+    .addOption(new Option('--net <mode>', "the network exec gives this template's guests unless --net says otherwise (snapshots are taken without a NIC)").choices(NET_MODES).default('none'))
     .option('--snapshot', 'boot the template once and capture a snapshot that exec restores from')
     .addOption(new Option('--backend <name>', 'VMM to use for the snapshot').choices(BACKEND_CHOICES))
     .addOption(accelOption())
@@ -89,7 +91,7 @@ export function templateCommand(): Command {
     .action(
       async (
         name: string,
-        options: { rootfsDir?: string; rootfsTar?: string; kernel?: string; cpus: number; memory: number; diskFree: number; snapshot?: boolean; backend?: BackendChoice; accel?: AccelChoice; verbose?: boolean },
+        options: { rootfsDir?: string; rootfsTar?: string; kernel?: string; cpus: number; memory: number; diskFree: number; net: NetMode; snapshot?: boolean; backend?: BackendChoice; accel?: AccelChoice; verbose?: boolean },
       ) => {
         const progress = progressReporter({ force: options.verbose });
         const backend = selectBackend(backendChoice(options.backend));
@@ -102,6 +104,7 @@ export function templateCommand(): Command {
             kernel: options.kernel,
             cpus: options.cpus,
             memoryMiB: options.memory,
+            net: options.net,
             freeBytes: options.diskFree * 1048576,
             snapshot: options.snapshot ?? false,
             backend,
@@ -156,7 +159,7 @@ export function templateCommand(): Command {
           `directory:   ${t.dir}`,
           `created:     ${m.createdAt}`,
           `source:      ${sourceText(t)}`,
-          `defaults:    ${m.cpus} CPUs, ${m.memoryMiB} MiB`,
+          `defaults:    ${m.cpus} CPUs, ${m.memoryMiB} MiB, network ${m.net ?? 'none'}`,
           `kernel:      ${m.kernel.file} (${mib(m.kernel.size)}, from ${m.kernel.origin}, sha256 ${m.kernel.sha256.slice(0, 16)}…)`,
           `initrd:      ${m.initrd.file} (${mib(m.initrd.size)}, sha256 ${m.initrd.sha256.slice(0, 16)}…)`,
           m.rootfs

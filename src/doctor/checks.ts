@@ -112,6 +112,8 @@ export async function runDoctor(): Promise<DoctorReport> {
     guarded('data dir', () => checkDirectory('data dir', dataDir(), { envVar: 'MVM_DATA_DIR', neededByExec: false })),
     guarded('e2fsprogs', () => checkOptionalTools('e2fsprogs', ['mke2fs', 'debugfs', 'e2fsck'], 'e2fsprogs', '--add-dir')),
     guarded('qemu-img', () => checkOptionalTools('qemu-img', ['qemu-img'], 'qemu-utils', 'template snapshots with QEMU')),
+    guarded('network', () => ({ name: 'network', status: 'ok', summary: 'exec gives the guest no NIC unless asked (--net user, --allow-host, -p; QEMU user-mode networking)' })),
+    guarded('socat', () => checkOptionalTools('socat', ['socat'], 'socat', '--allow-host')),
   ]);
   return doctorReport(checks);
 }

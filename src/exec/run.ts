@@ -11,6 +11,8 @@ import type { Progress } from '../progress.js';
 import { AgentConnectionError, EXIT_TIMED_OUT, exitStatusToCode, type AgentSession, type ExecHandle, type ExitStatus } from '../protocol/index.js';
 import { listVms } from '../state/registry.js';
 import type { Accel, AccelChoice } from '../accel/index.js';
+import type { NetworkPlan } from '../net/spec.js';
+import { openRunNetwork, type RunNetwork } from './network.js';
 import { bootVm, openAgentSession, OwnedVm, planBootAccel, type BootImage, type RestorePlan, type SnapshotChoice } from '../vm/index.js';
 
 export interface ExecRequest {
@@ -27,6 +29,8 @@ export interface ExecRequest {
   interactive: boolean;
   /** Host directories to mount in the guest, already validated (parseAddDirSpec + validateAddDirs). */
   addDirs: readonly AddDirSpec[];
+  /** The guest's NIC and what it may reach (planNetwork); absent: no NIC. */
+  network?: NetworkPlan;
 }
 
 export interface ExecIo {
@@ -89,12 +93,14 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   });
   let vm: RunningVm | undefined;
   let session: AgentSession | undefined;
+  let network: RunNetwork | undefined;
   // rw directories whose guest changes have not been brought back (yet): reported as discarded if the run ends early.
   const pendingSync = new Set<StagedDir>();
   const guestLimitMs = deps.bootTimeoutMs + request.timeoutSeconds * 1000 + (deps.guestMarginMs ?? GUEST_MARGIN_MS);
   const guestDeadline = new AbortController();
   let guestTimer: NodeJS.Timeout | undefined;
   try {
+    if (request.network) network = await openRunNetwork(request.network, owned.runDir, deps.backend, io);
     const staged: StagedDir[] = [];
     for (const spec of request.addDirs) {
       staged.push(await stageAddDir(spec, owned.runDir, { progress: io.progress, signal }));
@@ -104,11 +110,12 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
     const spec: Omit<VmSpec, 'accel' | 'name' | 'runDir'> = {
       kernel: image.kernel,
       initrd: image.initrd,
-      kernelArgs: image.kernelArgs,
+      kernelArgs: network ? [...image.kernelArgs, network.kernelArg] : image.kernelArgs,
       cpus: request.cpus,
       memoryMiB: request.memoryMiB,
       drives: staged.map((dir) => ({ path: dir.imagePath, readOnly: dir.readOnly })),
       ...(image.rootDrive ? { rootDrive: image.rootDrive } : {}),
+      ...(network ? { nic: network.nic } : {}),
       onConsoleLine: io.verbose ? (line) => io.log(`[console] ${line}`) : undefined,
     };
 
@@ -154,7 +161,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
       if (!dir.readOnly) pendingSync.add(dir);
     }
 
-    const status = await runCommand(session, vm, request, io, guestSignal);
+    const status = await runCommand(session, vm, { ...request, env: { ...network?.env, ...request.env } }, io, guestSignal);
     timings.mark('command finished');
 
     // A timed-out command's directories are not synced: its writes may be half done.
@@ -184,6 +191,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   } finally {
     clearTimeout(guestTimer);
     await owned.release();
+    await network?.close();
     for (const dir of pendingSync) io.log(`--add-dir ${dir.spec.spec}: guest changes discarded, ${dir.spec.hostPath} left as it was`);
   }
 }

@@ -11,7 +11,7 @@ import { lastLine, runTool } from '../run-tool.js';
 import { type CpioEntry, normalizeCpioPath, writeCpio } from './cpio.js';
 
 /** Bump whenever the layout or the init scripts change: it is part of the image manifest. */
-export const INITRAMFS_LAYOUT_VERSION = 3;
+export const INITRAMFS_LAYOUT_VERSION = 4;
 
 /** Where things live inside the guest. */
 export const GUEST_INIT_PATH = '/sbin/init';
@@ -92,6 +92,8 @@ export function initramfsEntries(inputs: InitramfsInputs): CpioEntry[] {
   add({ type: 'symlink', path: 'init', target: GUEST_INIT_PATH }); // the kernel's default rdinit
   add({ type: 'symlink', path: 'var/run', target: '/run' });
   add({ type: 'symlink', path: 'var/tmp', target: '/tmp' });
+  // The kernel writes the resolver of a guest with a NIC (its `ip=` argument) here, in resolv.conf's format.
+  add({ type: 'symlink', path: 'etc/resolv.conf', target: '/proc/net/pnp' });
   add({ type: 'file', path: GUEST_AGENT_PATH, data: inputs.agent, mode: 0o755 });
   add({ type: 'file', path: 'etc/inittab', data: Buffer.from(INITTAB), mode: 0o644 });
   add({ type: 'file', path: 'etc/passwd', data: Buffer.from(PASSWD), mode: 0o644 });

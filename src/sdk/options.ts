@@ -10,6 +10,7 @@ import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, defaultBootImage, type DefaultImageOp
 import type { ExecDeps, ExecRequest } from '../exec/run.js';
 import { ENV_KEY_RULE, isValidEnvKey, mergeEnv } from '../launchplan/env.js';
 import type { LaunchPlan } from '../launchplan/index.js';
+import { planNetwork, type NetMode } from '../net/spec.js';
 import { requireTemplate, templateBootImage } from '../templates/index.js';
 import { bootTimeoutFromEnv, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
 
@@ -29,6 +30,18 @@ export interface ExecOptions {
   timeout?: number;
   /** Host directories to mount in the guest; rw ones are synced back after the command exits. */
   addDirs?: readonly AddDir[];
+  /**
+   * The guest's network: `'none'` (no NIC; the default, or the template's) or `'user'` (outbound
+   * TCP/UDP through the host's network stack, QEMU user-mode networking).
+   */
+  net?: NetMode;
+  /**
+   * `NAME[:PORT]` (or `*.domain`) the guest may reach, and nothing else: HTTP(S) through a proxy on
+   * the host, named to the command in HTTP_PROXY/HTTPS_PROXY. No port: 80 and 443.
+   */
+  allowHosts?: readonly string[];
+  /** `[ADDRESS:]HOSTPORT:GUESTPORT`: host TCP ports forwarded to the guest (ADDRESS 127.0.0.1 unless given). */
+  publish?: readonly string[];
   /** Boot this template (`mvmctl template build NAME`) instead of the default image. */
   template?: string;
   /** Boot cold even when the image or template has a snapshot. */
@@ -73,6 +86,8 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
   checkChoice('accel', options.accel, ACCEL_CHOICES);
   const backendName = backendChoice(checkChoice('backend', options.backend, BACKEND_CHOICES));
   const addDirSpecs = (options.addDirs ?? []).map(addDirSpec);
+  checkStrings('allowHosts', options.allowHosts);
+  checkStrings('publish', options.publish);
 
   // Loaded on use: the schema library costs a noticeable part of every exec's start-up.
   const plan: LaunchPlan | undefined = options.launchPlan === undefined ? undefined : await (await import('../launchplan/index.js')).loadLaunchPlan(options.launchPlan);
@@ -88,7 +103,8 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
   const bootTimeoutMs = bootTimeoutFromEnv();
   const accel = accelChoice(options.accel);
 
-  const snapshotRequest = { ...size, addDirs: addDirs.length, noSnapshot: options.noSnapshot ?? false };
+  const network = planNetwork({ net: options.net, allowHosts: options.allowHosts, publish: options.publish }, template?.meta.net);
+  const snapshotRequest = { ...size, addDirs: addDirs.length, nic: network !== undefined, noSnapshot: options.noSnapshot ?? false };
   const ensureImage = template
     ? async () => templateBootImage(template, backend, snapshotRequest)
     : provider.defaultImage({ backend, request: snapshotRequest, bootTimeoutMs, log });
@@ -105,6 +121,7 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
       timeoutSeconds,
       interactive: options.stdin ?? false,
       addDirs,
+      ...(network ? { network } : {}),
     },
     deps: { backend, ensureImage, bootTimeoutMs, accel },
   };
@@ -134,6 +151,12 @@ function checkGuestString(option: string, value: unknown, { absolute = false } =
   if (typeof value !== 'string') throw new InvalidOptionError(option, `expected a string, got ${value === null ? 'null' : typeof value}`);
   if (value.includes('\0')) throw new InvalidOptionError(option, 'contains a NUL byte, which cannot reach the guest');
   if (absolute && !value.startsWith('/')) throw new InvalidOptionError(option, `'${value}' is not an absolute guest path`);
+}
+
+function checkStrings(option: string, values: unknown): void {
+  if (values !== undefined && !(Array.isArray(values) && values.every((v) => typeof v === 'string'))) {
+    throw new InvalidOptionError(option, 'expected an array of strings');
+  }
 }
 
 function checkChoice<T extends string>(option: string, value: T | undefined, choices: readonly T[]): T | undefined {

@@ -10,6 +10,8 @@ export interface SnapshotRequest {
   cpus: number;
   memoryMiB: number;
   addDirs: number;
+  /** The run gives the guest a NIC (--net user, --allow-host, -p); snapshots are taken without one. */
+  nic: boolean;
   noSnapshot: boolean;
   accel: AccelPlan;
 }
@@ -48,6 +50,7 @@ export async function decideSnapshot(subject: SnapshotSubject, backend: Backend,
   if (request.addDirs > meta.driveSlots.files.length) {
     return { note: `snapshot not used: it has ${meta.driveSlots.files.length} drive slots for --add-dir, this run needs ${request.addDirs}` };
   }
+  if (request.nic) return { note: 'snapshot not used: it was taken without a NIC, and this run asks for one (--net user, --allow-host or -p)' };
   if (request.cpus !== meta.cpus || request.memoryMiB !== meta.memoryMiB) {
     return { note: `snapshot not used: it was taken with ${meta.cpus} CPUs and ${meta.memoryMiB} MiB, this run asks for ${request.cpus} and ${request.memoryMiB} MiB` };
   }

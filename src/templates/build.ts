@@ -3,6 +3,7 @@
  * made by debootstrap, or a tar, e.g. `docker export`) into a template. See store.ts for the layout
  * and initramfs.ts for how a template with a root file system boots.
  */
+import type { NetMode } from '../net/spec.js';
 import { copyFile, lstat, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { AccelChoice } from '../accel/index.js';
@@ -38,6 +39,8 @@ export interface BuildOptions {
   kernel?: string;
   cpus: number;
   memoryMiB: number;
+  /** The network exec gives the template's guests by default. */
+  net?: NetMode;
   /** Free space in the root file system beyond its contents (the image file is sparse). Default 1 GiB. */
   freeBytes?: number;
   snapshot: boolean;
@@ -106,6 +109,7 @@ export async function buildTemplate(options: BuildOptions): Promise<Template> {
       source,
       cpus: options.cpus,
       memoryMiB: options.memoryMiB,
+      ...(options.net && options.net !== 'none' ? { net: options.net } : {}),
       kernel: { ...(await record(dir, 'vmlinux')), origin: image.manifest.kernel.origin === 'user' ? image.kernel : 'built' },
       initrd: await record(dir, 'initramfs.cpio'),
       ...(rootfs ? { rootfs } : {}),

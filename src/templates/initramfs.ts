@@ -23,7 +23,7 @@ export const RESERVED_DIR = '.mvm';
 /** Mount points mvmctl needs in the root file system; created in the image when the user's tree lacks them. */
 export const MOUNT_POINTS: readonly string[] = ['proc', 'sys', 'dev', 'tmp', 'run', RESERVED_DIR];
 /** Bump when the scripts below or the image layout change (part of the template metadata). */
-export const TEMPLATE_LAYOUT_VERSION = 3;
+export const TEMPLATE_LAYOUT_VERSION = 4;
 
 export const TEMPLATE_INITTAB = `# mvm template boot: busybox init (PID 1, in the initramfs) supervises the agent chrooted into the root drive.
 ::sysinit:/etc/init.d/mvm-root
@@ -56,6 +56,11 @@ mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /newroot/run
 mount -t tmpfs -o nosuid,nodev,mode=0755,size=8m tmpfs /newroot/${RESERVED_DIR}
 cp ${GUEST_AGENT_PATH} /newroot/${RESERVED_DIR}/mvm-agent || fail "cannot install the agent"
 mount -o remount,ro /newroot/${RESERVED_DIR}
+# A guest with a NIC and a resolver (the kernel's ip= argument) gets it as its resolv.conf, over the
+# template's own file, only in memory; a link or a missing file is left alone.
+if grep -q '^nameserver' /proc/net/pnp 2>/dev/null && [ -f /newroot/etc/resolv.conf ] && [ ! -L /newroot/etc/resolv.conf ]; then
+  mount -o bind,ro /proc/net/pnp /newroot/etc/resolv.conf
+fi
 `;
 
 export async function buildTemplateInitramfs(busyboxPath: string, agentPath: string): Promise<Buffer> {

@@ -15,6 +15,7 @@
  * and an interrupted build leaves the old template as it was. Directories a dead process left behind
  * (its pid is in the name) are removed by the next template command.
  */
+import type { NetMode } from '../net/spec.js';
 import { lstat, mkdir, readdir, readFile, readlink, realpath, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { MvmError } from '../errors.js';
@@ -46,6 +47,8 @@ export interface TemplateMeta {
   /** Defaults for `exec --manifest` (and the size the snapshot is taken at). */
   cpus: number;
   memoryMiB: number;
+  /** The network `exec --manifest` gives the guest unless --net says otherwise; absent: none. Snapshots are taken without a NIC. */
+  net?: NetMode;
   kernel: FileRecord & { origin: string };
   initrd: FileRecord;
   rootfs?: FileRecord & { entries: number; contentBytes: number };

@@ -74,8 +74,11 @@ export function waitForOutput(child: ChildProcess, text: string, timeoutMs = 120
   });
 }
 
-/** Programs a VM runs on the host: the VMM (QEMU, Firecracker or its test double) and QEMU's vsock device. */
-const VM_PROCESS = /qemu-system|firecracker|vhost-device-vsock/;
+/**
+ * Programs a VM runs on the host: the VMM (QEMU, Firecracker or its test double), QEMU's vsock
+ * device, and the socat QEMU starts per guest connection to the allowlist proxy.
+ */
+const VM_PROCESS = /qemu-system|firecracker|vhost-device-vsock|socat/;
 
 /** PID and parent PID of every VM process whose command line mentions `marker` (a VM's state dir, say). */
 function vmProcesses(marker: string): Map<number, { parent: number; cmdline: string }> {
@@ -105,12 +108,12 @@ export function vmProcessesMentioning(marker: string): number[] {
  */
 export function vmmPidsMentioning(marker: string): number[] {
   const found = vmProcesses(marker);
-  return [...found].filter(([, process]) => !found.has(process.parent) && !process.cmdline.includes('vhost-device-vsock')).map(([pid]) => pid);
+  return [...found].filter(([, process]) => !found.has(process.parent) && !/vhost-device-vsock|socat/.test(process.cmdline)).map(([pid]) => pid);
 }
 
 export async function assertNoVmLeft(stateDir: string): Promise<void> {
   for (let i = 0; i < 50 && vmProcessesMentioning(stateDir).length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
-  assert.deepEqual(vmProcessesMentioning(stateDir), [], 'no VMM or vsock device process may outlive its run');
+  assert.deepEqual(vmProcessesMentioning(stateDir), [], 'no VMM, vsock device or proxy helper may outlive its run');
   const vms = join(stateDir, 'vms');
   assert.deepEqual(existsSync(vms) ? readdirSync(vms) : [], [], 'no state dir may outlive its run');
 }

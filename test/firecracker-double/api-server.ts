@@ -3,12 +3,14 @@
  * checked against Firecracker's OpenAPI file (openapi.ts) and Firecracker's order rules (pre-boot
  * configuration, start, pause, snapshot) before it reaches the Machine, so a client that works
  * against the double does not lean on anything Firecracker would refuse. What the double cannot do
- * (network, balloon, logger, metrics, ...) is refused with a 400 that says so, never faked.
+ * (balloon, logger, metrics, a second NIC, ...) is refused with a 400 that says so, never faked.
  */
 import { constants } from 'node:fs';
-import { access, rm } from 'node:fs/promises';
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { DriveConfig, Machine, MachineConfig } from './machine.js';
+import { access } from 'node:fs/promises';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import { GUEST_NET } from '../../src/net/spec.js';
+import type { DriveConfig, Machine, MachineConfig, NetworkInterfaceConfig } from './machine.js';
+import { closeServer, fault, listen, readBody, send, serializer } from './http.js';
 import { decodeBody, deserializeError, loadApiSpec, matchOperation, type ApiSpec, type MatchedOperation } from './openapi.js';
 
 export interface ApiServerOptions {
@@ -21,8 +23,6 @@ export interface ApiServer {
   close(): Promise<void>;
 }
 
-/** Firecracker's micro_http refuses bodies over its limit (51200 bytes by default); the double allows 64 KiB. */
-const maxBodyBytes = 64 * 1024;
 /** What Firecracker passes the kernel when PUT /boot-source has no boot_args. */
 const defaultBootArgs = 'reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce';
 const afterStart = 'The requested operation is not supported after starting the microVM.';
@@ -39,6 +39,7 @@ interface BootSourceBody { kernel_image_path: string; initrd_path?: string; boot
 interface DriveBody { drive_id: string; is_root_device: boolean; path_on_host?: string; is_read_only?: boolean; partuuid?: string; socket?: string }
 interface PartialDriveBody { drive_id: string; path_on_host?: string; rate_limiter?: unknown }
 interface VsockBody { guest_cid: number; uds_path: string }
+interface NetworkInterfaceBody { iface_id: string; host_dev_name: string; guest_mac?: string; mtu?: number }
 interface SnapshotCreateBody { snapshot_path: string; mem_file_path: string; snapshot_type?: 'Full' | 'Diff' }
 interface SnapshotLoadBody {
   snapshot_path: string;
@@ -46,7 +47,7 @@ interface SnapshotLoadBody {
   mem_backend?: { backend_type: 'File' | 'Uffd'; backend_path: string };
   resume_vm?: boolean;
   vsock_override?: { uds_path: string };
-  network_overrides?: unknown[];
+  network_overrides?: { iface_id: string; host_dev_name: string }[];
   clock_realtime?: boolean;
 }
 
@@ -82,6 +83,7 @@ class FirecrackerDouble {
   private bootSource: { kernelImagePath: string; initrdPath?: string; bootArgs: string } | undefined;
   private readonly drives: DriveConfig[] = [];
   private vsock: { guestCid: number; udsPath: string } | undefined;
+  private networkInterface: NetworkInterfaceConfig | undefined;
   private entropy = false;
 
   constructor(
@@ -109,6 +111,8 @@ class FirecrackerDouble {
         return this.patchDrive(op.params.drive_id, body as PartialDriveBody);
       case 'putGuestVsock':
         return this.putVsock(body as VsockBody);
+      case 'putGuestNetworkInterfaceByID':
+        return this.putNetworkInterface(op.params.iface_id, body as NetworkInterfaceBody);
       case 'putEntropyDevice':
         this.beginConfiguring();
         this.entropy = true;
@@ -224,6 +228,27 @@ class FirecrackerDouble {
     return noContent;
   }
 
+  /**
+   * The double checks the call as Firecracker would but never opens the TAP `host_dev_name` names
+   * (the test host has none): the Machine gives the guest a network of its own instead (QEMU's
+   * user-mode networking stands in for the TAP).
+   */
+  private putNetworkInterface(pathId: string, body: NetworkInterfaceBody): Reply {
+    const mac = body.guest_mac;
+    if (mac !== undefined && !/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/i.test(mac)) throw deserializeError(`invalid MAC address \`${mac}\` at \`guest_mac\``);
+    if (body.iface_id !== pathId) throw new Error('The id from the path does not match the id from the body!');
+    if (body.mtu !== undefined) throw unsupported('`mtu`');
+    // The guest boots through mvmctl's QEMU backend, whose NIC always has this MAC.
+    if (mac !== undefined && mac.toLowerCase() !== GUEST_NET.mac) throw unsupported(`A guest_mac other than ${GUEST_NET.mac}`);
+    this.beginConfiguring();
+    if (this.networkInterface && this.networkInterface.ifaceId !== body.iface_id) throw unsupported('A second network interface');
+    // Firecracker opens the TAP here; a name Linux cannot give an interface (IFNAMSIZ) fails then.
+    if (Buffer.byteLength(body.host_dev_name) > 15) throw new Error(`Could not create the network device: the TAP name \`${body.host_dev_name}\` is longer than 15 bytes.`);
+    // rx/tx rate limiters change how fast the guest's packets go, not what it sees: ignored.
+    this.networkInterface = { ifaceId: body.iface_id, hostDevName: body.host_dev_name, ...(mac !== undefined && { guestMac: mac }) };
+    return noContent;
+  }
+
   private async action(type: string): Promise<Reply> {
     if (type === 'InstanceStart') return this.start();
     if (type === 'SendCtrlAltDel') {
@@ -243,6 +268,7 @@ class FirecrackerDouble {
       ...this.bootSource,
       drives: this.drives.map((drive) => ({ ...drive })),
       ...(this.vsock && { vsock: { ...this.vsock } }),
+      ...(this.networkInterface && { networkInterface: { ...this.networkInterface } }),
       entropy: this.entropy,
     };
     await this.settle(() => this.machine.start(config), 'running');
@@ -289,62 +315,22 @@ class FirecrackerDouble {
     this.requireNotStarted();
     if (this.configured) throw new Error('Loading a microVM snapshot not allowed after configuring boot-specific resources.');
     if (body.mem_backend?.backend_type === 'Uffd') throw unsupported('A Uffd memory backend');
-    if ((body.network_overrides ?? []).length > 0) throw unsupported('`network_overrides`');
     if (body.clock_realtime === true) throw unsupported('`clock_realtime`');
     const resumeVm = body.resume_vm ?? false;
     const load = {
       snapshotPath: body.snapshot_path,
       memFilePath,
       ...(body.vsock_override && { vsockUdsPath: body.vsock_override.uds_path }),
+      // The snapshot's NICs are known to the machine only, so it judges the ids.
+      ...(body.network_overrides && {
+        networkOverrides: body.network_overrides.map((override) => ({ ifaceId: override.iface_id, hostDevName: override.host_dev_name })),
+      }),
       resumeVm,
     };
     this.fromSnapshot = true;
     await this.settle(() => this.machine.loadSnapshot(load), resumeVm ? 'running' : 'paused');
     return noContent;
   }
-}
-
-type RequestBody = { ok: true; text: string } | { ok: false; error: string };
-
-/** Reads at most maxBodyBytes; the rest is drained, not kept, so the answer still reaches the client. */
-async function readBody(req: IncomingMessage): Promise<RequestBody> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of req as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size <= maxBodyBytes) chunks.push(chunk);
-  }
-  if (size > maxBodyBytes) {
-    return { ok: false, error: `Request payload with size ${size} is larger than the limit of ${maxBodyBytes} allowed by the test double.` };
-  }
-  try {
-    return { ok: true, text: new TextDecoder('utf-8', { fatal: true }).decode(Buffer.concat(chunks)) };
-  } catch {
-    return { ok: false, error: 'The request body is not valid UTF-8.' };
-  }
-}
-
-function send(res: ServerResponse, status: number, body?: unknown): void {
-  if (body === undefined) {
-    res.writeHead(status).end();
-    return;
-  }
-  const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) }).end(text);
-}
-
-function fault(res: ServerResponse, message: string): void {
-  send(res, 400, { fault_message: message });
-}
-
-/** Firecracker's API thread handles one request at a time; so does the double, machine calls included. */
-function serializer(): <T>(task: () => Promise<T>) => Promise<T> {
-  let tail: Promise<unknown> = Promise.resolve();
-  return (task) => {
-    const run = tail.then(task);
-    tail = run.catch(() => undefined);
-    return run;
-  };
 }
 
 interface Context {
@@ -368,24 +354,6 @@ async function answer({ spec, double, serialized }: Context, req: IncomingMessag
   } catch (err) {
     return fault(res, err instanceof Error ? err.message : String(err));
   }
-}
-
-function listen(server: Server, socketPath: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(socketPath, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
-}
-
-async function closeServer(server: Server, socketPath: string): Promise<void> {
-  await new Promise<void>((resolve, reject) => {
-    server.close((err) => (err ? reject(err) : resolve()));
-    server.closeAllConnections();
-  });
-  await rm(socketPath, { force: true });
 }
 
 export async function serveApi(socketPath: string, machine: Machine, options: ApiServerOptions = {}): Promise<ApiServer> {

@@ -12,6 +12,13 @@ export interface DriveConfig {
   isRootDevice: boolean;
 }
 
+/** A guest NIC. The double never opens `hostDevName` (the test host has no TAP): the Machine gives the guest a network of its own. */
+export interface NetworkInterfaceConfig {
+  ifaceId: string;
+  hostDevName: string;
+  guestMac?: string;
+}
+
 export interface MachineConfig {
   vcpuCount: number;
   memSizeMib: number;
@@ -21,6 +28,8 @@ export interface MachineConfig {
   /** In the order they were first PUT. */
   drives: DriveConfig[];
   vsock?: { guestCid: number; udsPath: string };
+  /** The double offers one NIC at most. */
+  networkInterface?: NetworkInterfaceConfig;
   /** PUT /entropy was called: the guest gets a virtio-rng device. */
   entropy: boolean;
 }
@@ -30,6 +39,8 @@ export interface SnapshotLoad {
   memFilePath: string;
   /** From `vsock_override`. */
   vsockUdsPath?: string;
+  /** From `network_overrides`: the snapshot's NIC `ifaceId` is now on `hostDevName`. */
+  networkOverrides?: { ifaceId: string; hostDevName: string }[];
   resumeVm: boolean;
 }
 

@@ -9,6 +9,11 @@
  *    through QEMU's migration.
  *  - `vhost-user`: real vsock, vhost-device-vsock serving the guest's vsock at `uds_path`. QEMU 7.2
  *    cannot migrate such a VM, so snapshot/create and snapshot/load answer an error.
+ * A NIC is QEMU's user-mode networking (the backend's open `nic`: `-netdev user,net=10.0.2.0/24`
+ * and a virtio-net device with MAC 52:54:00:12:34:56, the only guest_mac the API server takes), not
+ * the TAP the API named, which the test host does not have and the double never opens: the double
+ * checks the API calls, QEMU's slirp stands in for the TAP. A restored QEMU gets the same netdev
+ * and device, as its migration stream needs.
  */
 import { copyFile, mkdir, readFile, rename, rm, symlink, unlink, writeFile } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -80,6 +85,10 @@ export class QemuMachine implements Machine {
     if (this.mode === 'vhost-user') throw new Error(NO_SNAPSHOT_ON_VSOCK);
     const config = JSON.parse(await readFile(load.snapshotPath + SIDE_CAR, 'utf8')) as MachineConfig;
     if (load.vsockUdsPath && config.vsock) config.vsock = { ...config.vsock, udsPath: load.vsockUdsPath };
+    for (const override of load.networkOverrides ?? []) {
+      if (config.networkInterface?.ifaceId !== override.ifaceId) throw new Error(`the snapshot has no network interface ${override.ifaceId} to override`);
+      config.networkInterface.hostDevName = override.hostDevName;
+    }
     if (load.resumeVm) return this.restore(load, config);
     this.pendingLoad = { load, config };
   }
@@ -116,6 +125,7 @@ export class QemuMachine implements Machine {
       memoryMiB: config.memSizeMib,
       ...drivesFor(config.drives),
       ...(snapshot ? { snapshot } : {}),
+      ...(config.networkInterface ? { nic: { restricted: false, forwards: [] } } : {}),
       onConsoleLine: (line) => process.stdout.write(line + '\n'),
     };
     const vm = await this.backend.start(spec, this.abort.signal);

@@ -1,20 +1,21 @@
 /**
  * The Firecracker backend's pieces that need no VM: the API calls config.ts makes (checked against
  * Firecracker's OpenAPI file and sent to the test double's API server with a recording Machine),
- * and api.ts's HTTP client against small stand-in servers.
+ * and when it can give a guest a NIC (tap.ts). api.ts's HTTP client: firecracker-api-client.test.ts.
  */
 import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { FirecrackerApi, FirecrackerApiError } from '../../src/backends/firecracker/api.js';
 import { bootCalls, GUEST_CID, restoreCalls, snapshotCalls, vsockSocketPath, type ApiCall } from '../../src/backends/firecracker/config.js';
-import type { VmSpec } from '../../src/backends/types.js';
+import { FirecrackerBackend } from '../../src/backends/firecracker/index.js';
+import { tapName } from '../../src/backends/firecracker/tap.js';
+import type { NicSpec, VmSpec } from '../../src/backends/types.js';
 import { MvmError } from '../../src/errors.js';
 import { serveApi } from '../firecracker-double/api-server.js';
-import type { MachineConfig } from '../firecracker-double/machine.js';
+import type { MachineConfig, SnapshotLoad } from '../firecracker-double/machine.js';
 import { decodeBody, loadApiSpec, matchOperation } from '../firecracker-double/openapi.js';
 import { FakeMachine } from './fake-machine.js';
 
@@ -52,6 +53,9 @@ const spec: VmSpec = {
   rootDrive: { path: rootBase, copyOnWrite: true },
 };
 const restoreSpec = { ...spec, snapshot: { mode: 'restore' as const, dir: snapshotDir } };
+const openNic: NicSpec = { restricted: false, forwards: [] };
+const nicSpec: VmSpec = { ...spec, nic: openNic };
+const tap = tapName({ MVM_FIRECRACKER_TAP: 'mvmtap0' });
 
 const apiSpec = loadApiSpec();
 
@@ -159,6 +163,26 @@ describe('Firecracker config: the calls match the API schema', () => {
     ]);
   });
 
+  test('bootCalls with a NIC put it on the TAP MVM_FIRECRACKER_TAP names, before InstanceStart', () => {
+    assert.equal(tap, 'mvmtap0');
+    const calls = bootCalls(nicSpec, rootCopy, tap);
+    assertAccepted(calls);
+    const paths = calls.map((c) => `${c.method} ${c.path}`);
+    assert.ok(paths.indexOf('PUT /network-interfaces/eth0') >= 0, paths.join(', '));
+    assert.ok(paths.indexOf('PUT /network-interfaces/eth0') < paths.indexOf('PUT /actions'));
+    assert.deepEqual(bodyOf(calls, 'PUT', '/network-interfaces/eth0'), { iface_id: 'eth0', host_dev_name: 'mvmtap0', guest_mac: '52:54:00:12:34:56' });
+    // No NIC asked for: no network call, whatever TAP there is.
+    assert.equal(bootCalls(spec, rootCopy, tap).filter((c) => c.path.startsWith('/network-interfaces/')).length, 0);
+    assert.throws(() => bootCalls(nicSpec, rootCopy, undefined), /needs the TAP device/);
+  });
+
+  test('restoreCalls with a NIC move it to this host\'s TAP with network_overrides', () => {
+    const calls = restoreCalls({ ...restoreSpec, nic: openNic }, rootCopy, tap);
+    assertAccepted(calls);
+    assert.deepEqual(bodyOf(calls, 'PUT', '/snapshot/load').network_overrides, [{ iface_id: 'eth0', host_dev_name: 'mvmtap0' }]);
+    assert.equal(Object.hasOwn(bodyOf(restoreCalls(restoreSpec, rootCopy, tap), 'PUT', '/snapshot/load'), 'network_overrides'), false);
+  });
+
   test('the validator does refuse a body Firecracker would refuse (the checks above mean something)', () => {
     const op = matchOperation(apiSpec, 'PUT', '/drives/mvm0');
     assert.ok(op);
@@ -232,6 +256,19 @@ describe("Firecracker config against the test double's API server", () => {
     });
   });
 
+  test('bootCalls with a NIC give the machine that network interface; a restore passes the override', async () => {
+    await withDouble(async (api, machine) => {
+      await send(api, bootCalls(nicSpec, rootCopy, tap));
+      const [, config] = machine.calls[0] as [string, MachineConfig];
+      assert.deepEqual(config.networkInterface, { ifaceId: 'eth0', hostDevName: 'mvmtap0', guestMac: '52:54:00:12:34:56' });
+    });
+    await withDouble(async (api, machine) => {
+      await send(api, restoreCalls({ ...restoreSpec, nic: openNic }, rootCopy, tap));
+      const [, load] = machine.calls[0] as [string, SnapshotLoad];
+      assert.deepEqual(load.networkOverrides, [{ ifaceId: 'eth0', hostDevName: 'mvmtap0' }]);
+    });
+  });
+
   test("a call the double refuses becomes a FirecrackerApiError with the double's fault message", async () => {
     await withDouble(async (api) => {
       const missing = { ...spec, kernel: join(scratch, 'no-such-kernel') };
@@ -246,164 +283,32 @@ describe("Firecracker config against the test double's API server", () => {
   });
 });
 
-/** A stand-in API server on a unix socket; `handler` answers every request. */
-async function withServer(
-  handler: (req: IncomingMessage, res: ServerResponse, body: string) => void,
-  fn: (api: FirecrackerApi, path: string) => Promise<void>,
-): Promise<void> {
-  const path = socketPath();
-  const server: Server = createServer((req, res) => {
-    let body = '';
-    req.on('data', (chunk: Buffer) => (body += chunk.toString('utf8')));
-    req.on('end', () => handler(req, res, body));
-  });
-  await new Promise<void>((resolve) => server.listen(path, resolve));
-  try {
-    await fn(new FirecrackerApi(path), path);
-  } finally {
-    server.closeAllConnections();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
-  }
-}
+describe('Firecracker NIC: nicUnavailable, and start', () => {
+  const reasonFor = (env: NodeJS.ProcessEnv, nic: NicSpec = openNic) => new FirecrackerBackend(env).nicUnavailable(nic) ?? '';
 
-describe('Firecracker API client', () => {
-  test('a 400 with a fault_message rejects with a one-line FirecrackerApiError, exit code 125', async () => {
-    await withServer(
-      (_req, res) => res.writeHead(400, { 'content-type': 'application/json' }).end(JSON.stringify({ fault_message: 'bad\nthing' })),
-      async (api) => {
-        await assert.rejects(api.put('/x', { a: 1 }, { signal: never }), (error: unknown) => {
-          assert.ok(error instanceof FirecrackerApiError);
-          assert.ok(error instanceof MvmError);
-          assert.equal(error.message, 'Firecracker refused PUT /x: bad thing');
-          assert.equal(error.exitCode, 125);
-          assert.equal(error.status, 400);
-          assert.equal(error.call, 'PUT /x');
-          assert.equal(error.faultMessage, 'bad thing');
-          return true;
-        });
-      },
-    );
+  test('an allowlist or port forwards need the qemu backend, TAP or not', () => {
+    const forwards: NicSpec = { restricted: false, forwards: [{ hostAddress: '127.0.0.1', hostPort: 8080, guestPort: 80 }] };
+    for (const nic of [{ restricted: true, proxySocket: join(runDir, 'proxy.sock'), forwards: [] }, forwards, { ...forwards, restricted: true }]) {
+      assert.match(reasonFor({ MVM_FIRECRACKER_TAP: 'lo' }, nic), /^--allow-host and -p need the qemu backend .*: use --backend qemu$/);
+    }
   });
 
-  test('an error without a JSON body is named by its text, or by its status when empty', async () => {
-    let empty = false;
-    await withServer(
-      (_req, res) => (empty ? res.writeHead(500).end() : res.writeHead(503).end('  overloaded\n  now \n')),
-      async (api) => {
-        await assert.rejects(api.patch('/vm', { state: 'Paused' }, { signal: never }), { message: 'Firecracker refused PATCH /vm: overloaded now', status: 503 });
-        empty = true;
-        await assert.rejects(api.get('/', { signal: never }), { message: 'Firecracker refused GET /: HTTP 500', status: 500 });
-      },
-    );
+  test('without MVM_FIRECRACKER_TAP: how to make a TAP, or qemu', () => {
+    for (const env of [{}, { MVM_FIRECRACKER_TAP: '' }]) {
+      assert.match(reasonFor(env), /^--net user with Firecracker needs a TAP device: create one \('ip tuntap add mvmtap0 mode tap user \$USER'.* and set MVM_FIRECRACKER_TAP=mvmtap0; or use --backend qemu$/);
+    }
   });
 
-  test('a server that never answers rejects after timeoutMs, saying there was no answer', async () => {
-    await withServer(
-      () => {},
-      async (api) => {
-        const started = Date.now();
-        await assert.rejects(api.put('/actions', { action_type: 'InstanceStart' }, { signal: never, timeoutMs: 50 }), (error: unknown) => {
-          assert.ok(error instanceof FirecrackerApiError);
-          assert.equal(error.message, 'Firecracker refused PUT /actions: no answer within 0.05 s');
-          assert.equal(error.status, undefined);
-          return true;
-        });
-        const elapsed = Date.now() - started;
-        assert.ok(elapsed >= 40 && elapsed < 1000, `rejected after ${elapsed} ms`);
-      },
-    );
+  test('MVM_FIRECRACKER_TAP naming a device this host lacks says so; one it has is taken', () => {
+    for (const name of ['mvm-no-such-tap0', '../..']) assert.ok(reasonFor({ MVM_FIRECRACKER_TAP: name }).startsWith(`MVM_FIRECRACKER_TAP=${name}: this host has no network device of that name`));
+    // Whether it is a TAP this user may open is Firecracker's to say, at PUT /network-interfaces.
+    assert.equal(reasonFor({ MVM_FIRECRACKER_TAP: 'lo' }), '');
   });
 
-  test('a caller abort rejects with the signal reason', async () => {
-    await withServer(
-      () => {},
-      async (api) => {
-        const controller = new AbortController();
-        const reason = new Error('interrupted');
-        const call = api.get('/', { signal: controller.signal });
-        setTimeout(() => controller.abort(reason), 10);
-        await assert.rejects(call, (error) => error === reason);
-      },
-    );
-  });
-
-  test('an answer that starts but never ends also rejects after timeoutMs', async () => {
-    await withServer(
-      (_req, res) => {
-        res.writeHead(200, { 'content-type': 'application/json', 'content-length': 100 });
-        res.write('{"partial":');
-      },
-      async (api) => {
-        await assert.rejects(api.get('/', { signal: never, timeoutMs: 50 }), (error: unknown) => {
-          assert.ok(error instanceof FirecrackerApiError);
-          assert.equal(error.message, 'Firecracker refused GET /: no answer within 0.05 s');
-          return true;
-        });
-      },
-    );
-  });
-
-  test('an answer over 64 KiB rejects', async () => {
-    await withServer(
-      (_req, res) => {
-        res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(JSON.stringify({ padding: 'x'.repeat(70 * 1024) }));
-      },
-      async (api) => {
-        await assert.rejects(api.get('/', { signal: never }), /answer to GET \/ is larger than 65536 bytes/);
-      },
-    );
-  });
-
-  test('an answer of exactly 64 KiB is still taken', async () => {
-    const text = JSON.stringify({ padding: 'x'.repeat(64 * 1024 - 14) });
-    assert.equal(Buffer.byteLength(text), 64 * 1024);
-    await withServer(
-      (_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end(text),
-      async (api) => {
-        assert.deepEqual(await api.get('/', { signal: never }), JSON.parse(text));
-      },
-    );
-  });
-
-  test('a 204 resolves undefined; the request carries the JSON body and its headers', async () => {
-    const seen: { method?: string; url?: string; type?: string; length?: string; body?: string }[] = [];
-    await withServer(
-      (req, res, body) => {
-        seen.push({ method: req.method, url: req.url, type: req.headers['content-type'], length: req.headers['content-length'], body });
-        res.writeHead(204).end();
-      },
-      async (api) => {
-        assert.equal(await api.put('/drives/mvm0', { drive_id: 'mvm0', is_read_only: true }, { signal: never }), undefined);
-        assert.equal(await api.patch('/vm', { state: 'Resumed' }, { signal: never }), undefined);
-      },
-    );
-    const putBody = JSON.stringify({ drive_id: 'mvm0', is_read_only: true });
-    assert.deepEqual(seen, [
-      { method: 'PUT', url: '/drives/mvm0', type: 'application/json', length: String(putBody.length), body: putBody },
-      { method: 'PATCH', url: '/vm', type: 'application/json', length: String(JSON.stringify({ state: 'Resumed' }).length), body: '{"state":"Resumed"}' },
-    ]);
-  });
-
-  test('a 200 with JSON resolves the parsed body; a GET sends no body', async () => {
-    const bodies: string[] = [];
-    await withServer(
-      (_req, res, body) => {
-        bodies.push(body);
-        res.writeHead(200, { 'content-type': 'application/json' }).end('{"id":"vm","state":"Running","vmm_version":"1.16.0"}');
-      },
-      async (api) => {
-        assert.deepEqual(await api.get('/', { signal: never }), { id: 'vm', state: 'Running', vmm_version: '1.16.0' });
-      },
-    );
-    assert.deepEqual(bodies, ['']);
-  });
-
-  test('no server at the socket rejects with a FirecrackerApiError naming the call', async () => {
-    const api = new FirecrackerApi(join(scratch, 'nobody.sock'));
-    await assert.rejects(api.get('/', { signal: never }), (error: unknown) => {
-      assert.ok(error instanceof FirecrackerApiError);
-      assert.match(error.message, /^Firecracker refused GET \/: .*ENOENT/);
+  test('start refuses a NIC it cannot give before starting Firecracker', async () => {
+    await assert.rejects(new FirecrackerBackend({ MVM_FIRECRACKER: process.execPath }).start(nicSpec, never), (error: unknown) => {
+      assert.ok(error instanceof MvmError);
+      assert.match(error.message, /^--net user with Firecracker needs a TAP device/);
       return true;
     });
   });

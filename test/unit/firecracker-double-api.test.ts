@@ -154,7 +154,7 @@ test('unknown paths and methods, bad ids and what the double does not offer answ
     assertFault(await api('PUT', '/drives'), 'Invalid request method and/or path');
     assertFault(await api('PUT', '/drives/root-fs', { ...rootDrive, drive_id: 'root-fs' }), 'alphanumeric characters and underscores');
     assertFault(await api('PUT', '/logger', { log_path: 'l' }), 'PUT /logger is not supported by the test double.');
-    assertFault(await api('PUT', '/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: 'tap0' }), 'not supported by the test double');
+    assertFault(await api('PATCH', '/network-interfaces/eth0', { iface_id: 'eth0' }), 'PATCH /network-interfaces/{iface_id} is not supported by the test double.');
     assertFault(await api('PUT', '/machine-config', { vcpu_count: 2, mem_size_mib: 128, smt: true }), 'smt is not supported by the test double');
     assertFault(await api('PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 0 }), 'The memory size (MiB)');
     assertFault(await api('PUT', '/boot-source', { kernel_image_path: join(scratch, 'missing') }), 'The kernel file cannot be opened', 'ENOENT');
@@ -184,6 +184,45 @@ test('pre-boot calls after InstanceStart, and InstanceStart without a kernel, an
     assertFault(await api('PUT', '/actions', start), afterStart);
     assertFault(await api('PATCH', '/drives/nope', { drive_id: 'nope', path_on_host: data }), 'no drive `nope`');
     assert.equal(machine.calls.length, 1);
+  });
+});
+
+test('network-interfaces: a valid PUT reaches machine.start; the double never opens the TAP', async () => {
+  await withDouble(async (api, machine) => {
+    const nic = { iface_id: 'eth0', host_dev_name: 'mvm-tap-absent', guest_mac: '52:54:00:12:34:56' };
+    ok(await api('PUT', '/network-interfaces/eth0', { ...nic, host_dev_name: 'tap0' }));
+    ok(await api('PUT', '/network-interfaces/eth0', nic)); // a re-PUT replaces it
+    await booted(api);
+    const [, config] = machine.calls[0] as [string, MachineConfig];
+    assert.deepEqual(config.networkInterface, { ifaceId: 'eth0', hostDevName: 'mvm-tap-absent', guestMac: '52:54:00:12:34:56' });
+  });
+  await withDouble(async (api, machine) => {
+    ok(await api('PUT', '/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: 'tap0' })); // no MAC: Firecracker's own choice
+    await booted(api);
+    assert.deepEqual((machine.calls[0] as [string, MachineConfig])[1].networkInterface, { ifaceId: 'eth0', hostDevName: 'tap0' });
+  });
+});
+
+test('network-interfaces: what Firecracker or the double refuses answers 400', async () => {
+  await withDouble(async (api, machine) => {
+    const nic = { iface_id: 'eth0', host_dev_name: 'tap0' };
+    assertFault(await api('PUT', '/network-interfaces/eth0', { ...nic, tap: 'x' }), 'unknown field `tap`', '`host_dev_name`');
+    assertFault(await api('PUT', '/network-interfaces/eth0', { iface_id: 'eth0' }), 'missing field `host_dev_name`');
+    assertFault(await api('PUT', '/network-interfaces/eth0', { ...nic, guest_mac: '52:54:00:12:34' }), 'invalid MAC address');
+    assertFault(await api('PUT', '/network-interfaces/eth1', nic), 'The id from the path does not match the id from the body!');
+    assertFault(await api('PUT', '/network-interfaces/eth0', { ...nic, mtu: 1400 }), '`mtu` is not supported by the test double');
+    assertFault(await api('PUT', '/network-interfaces/eth0', { ...nic, guest_mac: '02:00:00:00:00:01' }), 'guest_mac other than 52:54:00:12:34:56');
+    assertFault(await api('PUT', '/network-interfaces/eth0', { ...nic, host_dev_name: 'a-tap-name-of-16' }), 'longer than 15 bytes');
+    ok(await api('PUT', '/network-interfaces/eth0', nic));
+    assertFault(await api('PUT', '/network-interfaces/eth1', { ...nic, iface_id: 'eth1' }), 'A second network interface is not supported');
+    await booted(api);
+    assertFault(await api('PUT', '/network-interfaces/eth0', nic), 'The requested operation is not supported after starting the microVM.');
+    assert.equal(machine.calls.length, 1);
+  });
+  await withDouble(async (api, machine) => {
+    ok(await api('PUT', '/network-interfaces/eth0', { iface_id: 'eth0', host_dev_name: 'tap0' }));
+    assertFault(await api('PUT', '/snapshot/load', { snapshot_path: 's', mem_file_path: 'm' }), 'not allowed after configuring boot-specific resources');
+    assert.deepEqual(machine.calls, []);
   });
 });
 
@@ -222,12 +261,22 @@ test('snapshot/load on a fresh process passes vsock_override and resume_vm, once
     const both = { snapshot_path: 's', mem_file_path: 'm', mem_backend: { backend_type: 'File', backend_path: 'm' } };
     assertFault(await api('PUT', '/snapshot/load', both), 'exclusively is required');
     assertFault(await api('PUT', '/snapshot/load', { snapshot_path: 's' }), 'either `mem_backend` or `mem_file_path` is required');
+    const badOverride = { snapshot_path: 's', mem_file_path: 'm', network_overrides: [{ iface_id: 'eth0' }] };
+    assertFault(await api('PUT', '/snapshot/load', badOverride), 'missing field `host_dev_name` at `network_overrides[0]`');
     const uffd = { snapshot_path: 's', mem_backend: { backend_type: 'Uffd', backend_path: 'u.sock' } };
     assertFault(await api('PUT', '/snapshot/load', uffd), 'Uffd memory backend is not supported by the test double');
     ok(await api('PUT', '/snapshot/load', { snapshot_path: 's', mem_backend: { backend_type: 'File', backend_path: 'm' } }));
     assert.deepEqual(machine.calls, [['loadSnapshot', { snapshotPath: 's', memFilePath: 'm', resumeVm: false }]]);
     assert.equal((await api('GET', '/') as { body: { state: string } }).body.state, 'Paused');
     ok(await api('PUT', '/snapshot/create', { snapshot_path: 's2', mem_file_path: 'm2' }));
+  });
+});
+
+test('snapshot/load passes network_overrides to the machine, which knows the NICs', async () => {
+  await withDouble(async (api, machine) => {
+    const load = { snapshot_path: 's', mem_file_path: 'm', network_overrides: [{ iface_id: 'eth0', host_dev_name: 'tap1' }] };
+    ok(await api('PUT', '/snapshot/load', load));
+    assert.deepEqual(machine.calls, [['loadSnapshot', { snapshotPath: 's', memFilePath: 'm', networkOverrides: [{ ifaceId: 'eth0', hostDevName: 'tap1' }], resumeVm: false }]]);
   });
 });
 

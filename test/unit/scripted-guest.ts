@@ -125,8 +125,12 @@ export class ScriptedBackend implements Backend {
 
   constructor(private readonly script: GuestScript) {}
 
+  nicUnavailable(): string | undefined {
+    return undefined;
+  }
+
   capabilities(): BackendCapabilities {
-    return { accels: ['tcg'], snapshots: false, vsock: false, restoredDrivesReadOnly: true };
+    return { accels: ['tcg'], snapshots: false, restoredDrivesReadOnly: true };
   }
 
   async start(spec: VmSpec): Promise<RunningVm> {

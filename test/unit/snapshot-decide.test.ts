@@ -16,7 +16,8 @@ const vmm = { binary: '/usr/bin/qemu', size: 100, mtimeMs: 1 };
 function backend(version = 'QEMU 7.2', identity = vmm): Backend {
   return {
     name: 'qemu',
-    capabilities: () => ({ accels: ['kvm', 'tcg'], snapshots: true, vsock: false, restoredDrivesReadOnly: true }),
+    nicUnavailable: () => undefined,
+    capabilities: () => ({ accels: ['kvm', 'tcg'], snapshots: true, restoredDrivesReadOnly: true }),
     start: () => Promise.reject(new Error('not in this test')),
     vmmVersion: async () => version,
     vmmIdentity: async () => identity,
@@ -24,7 +25,7 @@ function backend(version = 'QEMU 7.2', identity = vmm): Backend {
 }
 
 const tcg: AccelPlan = { choice: 'auto', accel: 'tcg' };
-const request: SnapshotRequest = { cpus: 2, memoryMiB: 512, addDirs: 0, noSnapshot: false, accel: tcg };
+const request: SnapshotRequest = { cpus: 2, memoryMiB: 512, addDirs: 0, nic: false, noSnapshot: false, accel: tcg };
 
 /** A subject with kernel and initrd files and a valid snapshot of it. */
 function laidOut(): { subject: SnapshotSubject; snap: string; meta: SnapshotMeta } {
@@ -93,6 +94,7 @@ describe('decideSnapshot', () => {
     assert.equal(await note({ addDirs: 3 }), 'snapshot not used: it has 2 drive slots for --add-dir, this run needs 3');
     assert.match((await note({ memoryMiB: 1024 }))!, /taken with 2 CPUs and 512 MiB, this run asks for 2 and 1024 MiB/);
     assert.match((await note({ cpus: 1 }))!, /this run asks for 1 and 512 MiB/);
+    assert.match((await note({ nic: true }))!, /taken without a NIC, and this run asks for one/);
     assert.match((await note({ accel: { choice: 'auto', accel: 'tcg', probe: { bootId: 'b', vmm: 'v', kernelSha256: 'k' } } }))!, /KVM has not yet been proven/);
   });
 

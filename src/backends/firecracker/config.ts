@@ -1,5 +1,6 @@
 /** The API calls that configure and boot a Firecracker VM from a VmSpec, in the order Firecracker takes them. */
 import { join } from 'node:path';
+import { GUEST_NET } from '../../net/spec.js';
 import { AGENT_VSOCK_PORT } from '../../protocol/constants.js';
 import { driveSerial, ROOT_DRIVE_SERIAL } from '../drives.js';
 import { SNAPSHOT_FILES, type VmSpec } from '../types.js';
@@ -48,8 +49,18 @@ export function bootArgs(spec: VmSpec): string {
   ].join(' ');
 }
 
-/** Everything up to and including InstanceStart. `rootPath` is the root drive the VM writes to. */
-export function bootCalls(spec: VmSpec, rootPath: string | undefined): ApiCall[] {
+/** The TAP device a spec's NIC is given; a spec without one needs none. */
+function nicTap(spec: VmSpec, tap: string | undefined): string | undefined {
+  if (spec.nic && !tap) throw new Error(`${spec.name}: a NIC needs the TAP device it is given`);
+  return spec.nic ? tap : undefined;
+}
+
+/**
+ * Everything up to and including InstanceStart. `rootPath` is the root drive the VM writes to,
+ * `tap` the host device of the spec's NIC (tap.ts).
+ */
+export function bootCalls(spec: VmSpec, rootPath: string | undefined, tap?: string): ApiCall[] {
+  const nicDevice = nicTap(spec, tap);
   return [
     { method: 'PUT', path: '/machine-config', body: { vcpu_count: spec.cpus, mem_size_mib: spec.memoryMiB } },
     {
@@ -62,6 +73,9 @@ export function bootCalls(spec: VmSpec, rootPath: string | undefined): ApiCall[]
       path: `/drives/${drive.id}`,
       body: { drive_id: drive.id, path_on_host: drive.path, is_root_device: false, is_read_only: drive.readOnly },
     })),
+    ...(nicDevice
+      ? [{ method: 'PUT' as const, path: `/network-interfaces/${GUEST_NET.iface}`, body: { iface_id: GUEST_NET.iface, host_dev_name: nicDevice, guest_mac: GUEST_NET.mac } }]
+      : []),
     { method: 'PUT', path: '/vsock', body: { guest_cid: GUEST_CID, uds_path: vsockSocketPath(spec.runDir) } },
     // Host entropy for the guest's CRNG, as QEMU's virtio-rng gives it.
     { method: 'PUT', path: '/entropy', body: {} },
@@ -70,11 +84,12 @@ export function bootCalls(spec: VmSpec, rootPath: string | undefined): ApiCall[]
 }
 
 /**
- * A restore on a fresh process: load paused, with the vsock on this VM's socket; point every drive
- * at this run's file (the snapshot names the captured VM's); then resume. The vsock device resets
- * on load, so the agent is reached by a new connection.
+ * A restore on a fresh process: load paused, with the vsock on this VM's socket and the NIC on this
+ * host's TAP (the snapshot names the captured VM's); point every drive at this run's file; then
+ * resume. The vsock device resets on load, so the agent is reached by a new connection.
  */
-export function restoreCalls(spec: VmSpec & { snapshot: { dir: string } }, rootPath: string | undefined): ApiCall[] {
+export function restoreCalls(spec: VmSpec & { snapshot: { dir: string } }, rootPath: string | undefined, tap?: string): ApiCall[] {
+  const nicDevice = nicTap(spec, tap);
   return [
     {
       method: 'PUT',
@@ -83,6 +98,7 @@ export function restoreCalls(spec: VmSpec & { snapshot: { dir: string } }, rootP
         snapshot_path: join(spec.snapshot.dir, SNAPSHOT_FILES.state),
         mem_backend: { backend_type: 'File', backend_path: join(spec.snapshot.dir, SNAPSHOT_FILES.memory) },
         vsock_override: { uds_path: vsockSocketPath(spec.runDir) },
+        ...(nicDevice ? { network_overrides: [{ iface_id: GUEST_NET.iface, host_dev_name: nicDevice }] } : {}),
         resume_vm: false,
       },
     },

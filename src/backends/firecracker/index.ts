@@ -1,7 +1,8 @@
 /**
  * The Firecracker backend: one `firecracker --api-sock S --id NAME` process per VM, configured over
- * its API (config.ts, api.ts), with the agent on Firecracker's hybrid vsock. Firecracker runs
- * guests under KVM only. Its jailer (chroot, namespaces, seccomp of the VMM process) is not used yet.
+ * its API (config.ts, api.ts), with the agent on Firecracker's hybrid vsock and a NIC, when asked
+ * for, on an admin-made TAP device (tap.ts). Firecracker runs guests under KVM only. Its jailer
+ * (chroot, namespaces, seccomp of the VMM process) is not used yet.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { rm } from 'node:fs/promises';
@@ -14,11 +15,12 @@ import { lastLine, runTool } from '../../run-tool.js';
 import { findExecutable } from '../../which.js';
 import { ConsoleBuffer } from '../console.js';
 import { vmmIdentityOf, vmmVersionOf, type VmmIdentity } from '../vmm-binary.js';
-import type { Backend, BackendCapabilities, GuestFailure, RunningVm, VmExit, VmSpec } from '../types.js';
+import type { Backend, BackendCapabilities, GuestFailure, NicSpec, RunningVm, VmExit, VmSpec } from '../types.js';
 import { connectWhenListening } from '../unix-socket.js';
 import { connectHybridVsock } from '../vsock/hybrid.js';
 import { API_TIMEOUT_MS, FirecrackerApi, SNAPSHOT_API_TIMEOUT_MS } from './api.js';
 import { apiSocketPath, bootCalls, restoreCalls, snapshotCalls, vsockSocketPath, type ApiCall } from './config.js';
+import { tapName, tapUnavailable } from './tap.js';
 
 /** How long Firecracker may take to serve its API socket once started. */
 const API_START_TIMEOUT_MS = 10_000;
@@ -35,17 +37,24 @@ export function findFirecracker(env: NodeJS.ProcessEnv = process.env): string | 
 export class FirecrackerBackend implements Backend {
   readonly name = 'firecracker' as const;
 
+  /** `env`: where MVM_FIRECRACKER and MVM_FIRECRACKER_TAP are read. */
+  constructor(private readonly env: NodeJS.ProcessEnv = process.env) {}
+
   capabilities(): BackendCapabilities {
     // Drives a restore attaches can point at new files, but their read-only flag is the captured
     // VM's (PATCH /drives takes no is_read_only): read-only --add-dirs boot cold.
-    return { accels: ['kvm'], snapshots: true, vsock: true, restoredDrivesReadOnly: false };
+    return { accels: ['kvm'], snapshots: true, restoredDrivesReadOnly: false };
+  }
+
+  nicUnavailable(nic: NicSpec): string | undefined {
+    return tapUnavailable(nic, this.env);
   }
 
   private binary(): string {
-    const found = findFirecracker();
+    const found = findFirecracker(this.env);
     if (!found) {
       throw new MvmError(
-        `Firecracker not found (${process.env.MVM_FIRECRACKER || 'firecracker'}): put its release binary on PATH or set MVM_FIRECRACKER to it; or use --backend qemu`,
+        `Firecracker not found (${this.env.MVM_FIRECRACKER || 'firecracker'}): put its release binary on PATH or set MVM_FIRECRACKER to it; or use --backend qemu`,
       );
     }
     return found;
@@ -68,6 +77,7 @@ export class FirecrackerBackend implements Backend {
   async start(spec: VmSpec, signal: AbortSignal): Promise<RunningVm> {
     if (spec.accel !== 'kvm') throw new MvmError('the firecracker backend runs guests under KVM only: use --backend qemu for TCG');
     const binary = this.binary();
+    const tap = this.tapFor(spec);
     const setpriv = findExecutable('setpriv');
     if (!setpriv) throw new MvmError(`setpriv not found: install util-linux ('apt-get install util-linux')`);
     signal.throwIfAborted();
@@ -89,13 +99,21 @@ export class FirecrackerBackend implements Backend {
     const vm = new FirecrackerVm(spec, child, new FirecrackerApi(apiSocket));
     try {
       await vm.waitForApi(signal);
-      const calls = spec.snapshot?.mode === 'restore' ? restoreCalls({ ...spec, snapshot: spec.snapshot }, rootPath) : bootCalls(spec, rootPath);
+      const calls = spec.snapshot?.mode === 'restore' ? restoreCalls({ ...spec, snapshot: spec.snapshot }, rootPath, tap) : bootCalls(spec, rootPath, tap);
       await vm.send(calls, signal, API_TIMEOUT_MS);
       return vm;
     } catch (error) {
       await vm.kill();
       throw error;
     }
+  }
+
+  /** The TAP for the spec's NIC, checked again for callers that did not ask nicUnavailable first. */
+  private tapFor(spec: VmSpec): string | undefined {
+    if (!spec.nic) return undefined;
+    const unavailable = this.nicUnavailable(spec.nic);
+    if (unavailable) throw new MvmError(unavailable);
+    return tapName(this.env);
   }
 }
 

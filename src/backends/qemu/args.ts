@@ -1,8 +1,9 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { GUEST_NET } from '../../net/spec.js';
 import { AGENT_PORT_NAME } from '../../protocol/constants.js';
 import { driveSerial, ROOT_DRIVE_SERIAL } from '../drives.js';
-import { SNAPSHOT_FILES, type VmSpec } from '../types.js';
+import { SNAPSHOT_FILES, type NicSpec, type VmSpec } from '../types.js';
 
 /** QEMU option values separate with commas; a comma inside a value is written twice. */
 export function optionValue(value: string): string {
@@ -54,6 +55,28 @@ export interface QemuArgsOptions {
   tscKhz?: number;
   /** The agent is on vsock through vhost-device-vsock (its control socket: vhostVsockSocketPath). */
   vsock?: boolean;
+  /** For a NIC with a proxy: the command QEMU runs per guest connection to the proxy address, its stdio being the connection. */
+  proxyCommand?: readonly string[];
+}
+
+/**
+ * QEMU user-mode networking (libslirp): the guest's packets become the host's own sockets, so no
+ * root and no host configuration is needed. restrict=on drops everything the guest starts except
+ * `guestfwd` connections (to the proxy); `hostfwd` forwards still reach the guest.
+ */
+export function nicArgs(nic: NicSpec, proxyCommand: readonly string[] | undefined): string[] {
+  const netdev = ['user', 'id=net0', `net=${GUEST_NET.network}`, `restrict=${nic.restricted ? 'on' : 'off'}`];
+  for (const forward of nic.forwards) netdev.push(`hostfwd=tcp:${forward.hostAddress}:${forward.hostPort}-${GUEST_NET.guest}:${forward.guestPort}`);
+  if (nic.proxySocket) {
+    if (!proxyCommand) throw new Error('nicArgs: a NIC with a proxy needs the command that reaches it');
+    netdev.push(`guestfwd=tcp:${GUEST_NET.proxy.address}:${GUEST_NET.proxy.port}-cmd:${proxyCommand.map(shellQuote).join(' ')}`);
+  }
+  return ['-netdev', netdev.map(optionValue).join(','), '-device', `virtio-net-device,netdev=net0,mac=${GUEST_NET.mac}`];
+}
+
+/** One word for a POSIX shell, or for libslirp's command splitting (g_shell_parse_argv), which follows it. */
+export function shellQuote(word: string): string {
+  return `'${word.replaceAll("'", `'\\''`)}'`;
 }
 
 export function qemuArgs(spec: VmSpec, options: QemuArgsOptions = {}): string[] {
@@ -107,6 +130,7 @@ export function qemuArgs(spec: VmSpec, options: QemuArgsOptions = {}): string[] 
       '-device', `virtio-blk-device,drive=rootdrive,serial=${ROOT_DRIVE_SERIAL}`,
     );
   }
+  if (spec.nic) args.push(...nicArgs(spec.nic, options.proxyCommand));
   spec.drives.forEach((drive, index) => {
     args.push(
       '-drive', `file=${optionValue(drive.path)},format=raw,if=none,id=drive${index},readonly=${drive.readOnly ? 'on' : 'off'}`,

@@ -8,10 +8,10 @@ import { lastLine, runTool } from '../../run-tool.js';
 import { findExecutable } from '../../which.js';
 import { ConsoleBuffer } from '../console.js';
 import { vmmIdentityOf, vmmVersionOf, type VmmIdentity } from '../vmm-binary.js';
-import { SNAPSHOT_FILES, type Backend, type BackendCapabilities, type GuestFailure, type RunningVm, type VmExit, type VmSpec } from '../types.js';
+import { SNAPSHOT_FILES, type Backend, type BackendCapabilities, type GuestFailure, type NicSpec, type RunningVm, type VmExit, type VmSpec } from '../types.js';
 import { AGENT_VSOCK_PORT } from '../../protocol/constants.js';
 import { connectHybridVsock } from '../vsock/hybrid.js';
-import { agentSocketPath, hostTscKhz, hybridVsockPath, qemuArgs, qemuSocketPaths, qmpSocketPath, vhostVsockSocketPath } from './args.js';
+import { agentSocketPath, hostTscKhz, hybridVsockPath, qemuArgs, qemuSocketPaths, qmpSocketPath, shellQuote, vhostVsockSocketPath } from './args.js';
 import { findVhostDeviceVsock, startVhostVsock, type VhostVsockDevice } from './vhost-vsock.js';
 import { Qmp } from './qmp.js';
 import { connectWhenListening } from '../unix-socket.js';
@@ -19,10 +19,6 @@ import { connectWhenListening } from '../unix-socket.js';
 export { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath } from './args.js';
 export { findVhostDeviceVsock } from './vhost-vsock.js';
 
-
-function shellQuote(value: string): string {
-  return `'${value.replaceAll("'", `'\\''`)}'`;
-}
 
 /**
  * What QEMU prints on stderr when KVM cannot run the guest: an instruction KVM could not emulate
@@ -36,6 +32,8 @@ const ACCEL_ABORT_LINE = /^(?:qemu-system-\S+: )?(?:error: )?(failed to set MSR\
 const ACCEL_FAILURE_KIND = /^(emulation failure)$/;
 /** How long to wait for that line before reporting the error without it. */
 const ACCEL_FAILURE_KIND_WAIT_MS = 100;
+/** QEMU could not listen on a `-p` forward's host port; it then exits. */
+const HOSTFWD_FAILURE_LINE = /Could not set up host forwarding rule '(?:tcp:)?([^-']*)-[^']*'/;
 
 /** Run states in which QEMU keeps running but the guest never will again. */
 const ERROR_STATES: Record<string, string> = {
@@ -50,7 +48,15 @@ export class QemuBackend implements Backend {
   constructor(private readonly qemuBinary = process.env.MVM_QEMU || 'qemu-system-x86_64') {}
 
   capabilities(): BackendCapabilities {
-    return { accels: ['kvm', 'tcg'], snapshots: true, vsock: findVhostDeviceVsock() !== undefined, restoredDrivesReadOnly: true };
+    return { accels: ['kvm', 'tcg'], snapshots: true, restoredDrivesReadOnly: true };
+  }
+
+  nicUnavailable(nic: NicSpec): string | undefined {
+    if (!nic.proxySocket) return undefined;
+    if (!findExecutable('socat')) return "--allow-host needs socat on the host, which hands the guest's connections to the proxy: install it with 'apt-get install socat'";
+    // socat reads its address up to the first comma; libslirp splits the command at blanks.
+    if (/[,\s!]/.test(nic.proxySocket)) return `--allow-host cannot use the state directory ${nic.proxySocket}: its path has a comma or a blank; set MVM_STATE_DIR to a plain path`;
+    return undefined;
   }
 
   private qemuPath(): string {
@@ -93,7 +99,10 @@ export class QemuBackend implements Backend {
     const device = vsock
       ? await startVhostVsock({ binary: vsock, setpriv, controlSocket: vhostVsockSocketPath(spec.runDir), udsPath: hybridVsockPath(spec.runDir), signal })
       : undefined;
-    const args = qemuArgs(spec, { tscKhz: hostTscKhz(), vsock: device !== undefined });
+    // libslirp runs this once per guest connection, double-forked (so no parent-death signal can
+    // tie it to QEMU): it ends on EOF, when QEMU's end of the connection or the proxy's closes.
+    const proxyCommand = spec.nic?.proxySocket ? [findExecutable('socat') ?? 'socat', '-', `UNIX-CONNECT:${spec.nic.proxySocket}`] : undefined;
+    const args = qemuArgs(spec, { tscKhz: hostTscKhz(), vsock: device !== undefined, proxyCommand });
     // setpriv execs QEMU in place (same pid) with a parent-death signal, so the VMM dies with
     // mvmctl even when mvmctl is killed with SIGKILL and has no chance to clean up.
     const child = spawn(setpriv, ['--pdeathsig', 'KILL', '--', qemu, ...args], {
@@ -160,6 +169,8 @@ class QemuVm implements RunningVm {
     child.stderr!.on('data', (chunk: Buffer) =>
       this.stderrTail.push(chunk, (line) => {
         spec.onConsoleLine?.(line);
+        const hostfwd = HOSTFWD_FAILURE_LINE.exec(line);
+        if (hostfwd) this.reportFailure({ reason: `-p: cannot listen on ${hostfwd[1]} (is the port in use, or the address not on this host?)`, accelFailure: false });
         if (spec.accel !== 'kvm') return;
         const abort = ACCEL_ABORT_LINE.exec(line.trim());
         if (abort) this.reportFailure({ reason: `KVM refused the vCPU state: ${abort[1]}`, accelFailure: true });
