@@ -243,6 +243,26 @@ describe('templates with a root file system (tiny busybox tree)', () => {
     await assertNothingLeft();
   });
 
+  test('--net user as the template default: exec gives a NIC and the resolver over the tree\'s resolv.conf; --net none overrides it', async () => {
+    const netRoot = join(work, 'tiny-net');
+    tinyRootfs(netRoot);
+    writeFileSync(join(netRoot, 'etc', 'resolv.conf'), 'nameserver 192.0.2.1\n');
+    const built = await mvmctl(['template', 'build', 'tinynet', '--rootfs-dir', netRoot, '--disk-free', '64M', '--net', 'user'], env);
+    assert.equal(built.code, 0, built.stderr);
+    const info = await mvmctl(['template', 'info', 'tinynet'], env);
+    assert.match(info.stdout.toString(), /defaults: .*network user/);
+    // Under the Firecracker double a NIC needs a TAP name the backend finds; the double never opens it.
+    const netEnv = { ...env, MVM_FIRECRACKER_TAP: 'lo' };
+    const withNic = await mvmctl(['exec', '--manifest', 'tinynet', '--', 'sh', '-c', 'ls /sys/class/net; cat /etc/resolv.conf'], netEnv);
+    assert.equal(withNic.code, 0, withNic.stderr);
+    assert.match(withNic.stdout.toString(), /^eth0\nlo\n(#.*\n)?nameserver 10\.0\.2\.3\n$/);
+    const without = await mvmctl(['exec', '--manifest', 'tinynet', '--net', 'none', '--', 'sh', '-c', 'ls /sys/class/net; cat /etc/resolv.conf'], netEnv);
+    assert.equal(without.code, 0, without.stderr);
+    assert.equal(without.stdout.toString(), 'lo\nnameserver 192.0.2.1\n');
+    assert.equal(readFileSync(join(netRoot, 'etc', 'resolv.conf'), 'utf8'), 'nameserver 192.0.2.1\n', 'the user\'s tree is not written');
+    await assertNothingLeft();
+  });
+
   test('--add-dir with a template restores into a drive slot after its root drive, and mounts the directory', async () => {
     const host = join(work, 'share');
     mkdirSync(host);
