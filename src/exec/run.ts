@@ -101,6 +101,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   let guestTimer: NodeJS.Timeout | undefined;
   try {
     if (request.network) network = await openRunNetwork(request.network, owned.runDir, deps.backend, io);
+    else if (io.verbose) io.log('network: none (no NIC)');
     const staged: StagedDir[] = [];
     for (const spec of request.addDirs) {
       staged.push(await stageAddDir(spec, owned.runDir, { progress: io.progress, signal }));
