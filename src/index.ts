@@ -1,9 +1,11 @@
 /**
  * mvmctl's TypeScript API: `exec()` runs one command in a fresh microVM and tears the VM down, as
- * `mvmctl exec` does (the CLI is built on it). See docs/sdk.md.
+ * `mvmctl exec` does (the CLI is built on it); `MicroVm.start()` keeps one up for many commands, as
+ * `mvmctl up` does. See docs/sdk.md.
  */
 export { exec, type ExecHandle, type ExecResult } from './sdk/exec.js';
-export type { AddDir, ExecOptions } from './sdk/options.js';
+export { MicroVm } from './sdk/microvm.js';
+export type { AddDir, CommandOptions, ExecOptions, VmOptions } from './sdk/options.js';
 export { InvalidOptionError } from './sdk/parse.js';
 export { MvmError } from './errors.js';
 export { AgentConnectionError, AgentRequestError, AgentTimeoutError, AgentVersionError, ExecUnavailableError, ProtocolError } from './protocol/errors.js';

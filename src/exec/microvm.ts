@@ -3,7 +3,7 @@
  * and record, its network, its `--add-dir` images, a restore or a cold boot, the mounts; then any
  * number of commands, one at a time; then the stop (unmount, power off, VMM reaped, sync-back) and
  * the release (whatever is left killed and removed). `exec` is one command between start and stop;
- * a long-lived VM (`MicroVm.start`, `mvmctl up`) runs many.
+ * a long-lived VM (`LiveVm.start`, `mvmctl up`) runs many.
  */
 import { truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -57,7 +57,7 @@ export interface StartOptions {
 /** How long a restored guest may take to load and answer HELLO before we give up and boot cold. */
 const RESTORE_TIMEOUT_MS = 20_000;
 
-export class MicroVm {
+export class LiveVm {
   /** rw directories whose guest changes have not been brought back (yet): reported as discarded if the VM ends first. */
   private readonly pendingSync = new Set<StagedDir>();
   private busy = false;
@@ -91,7 +91,7 @@ export class MicroVm {
    * Boots (or restores) the VM and mounts its directories. Aborting `signal` kills it and rejects
    * with the signal's reason; a failure releases everything it made before it throws.
    */
-  static async start(request: VmRequest, io: VmIo, deps: VmDeps, signal: AbortSignal, options: StartOptions = {}): Promise<MicroVm> {
+  static async start(request: VmRequest, io: VmIo, deps: VmDeps, signal: AbortSignal, options: StartOptions = {}): Promise<LiveVm> {
     const timings = new Timings(io);
     const image = await deps.ensureImage({ progress: io.progress, signal });
     timings.mark('image ready');
@@ -166,7 +166,7 @@ export class MicroVm {
           throw new MvmError(`--add-dir ${dir.spec.spec}: the guest could not mount it: ${error.message}`);
         });
       }
-      return new MicroVm(owned, network, vm, session, staged, io, timings, signal, guestDeadline);
+      return new LiveVm(owned, network, vm, session, staged, io, timings, signal, guestDeadline);
     } catch (error) {
       guestDeadline.disarm();
       await owned.release();

@@ -1,12 +1,12 @@
 /**
- * `exec`: one command in a fresh microVM, torn down whatever happens. The lifecycle is MicroVm's
+ * `exec`: one command in a fresh microVM, torn down whatever happens. The lifecycle is LiveVm's
  * (microvm.ts); exec adds one deadline over the whole run, so that no guest, however it behaves,
  * keeps the caller waiting past boot timeout + --timeout + a margin.
  */
 import type { Readable, Writable } from 'node:stream';
 import { exitStatusToCode, type ExecHandle, type ExitStatus } from '../protocol/index.js';
 import type { CommandRequest } from './command.js';
-import { MicroVm, type VmDeps, type VmIo, type VmRequest } from './microvm.js';
+import { LiveVm, type VmDeps, type VmIo, type VmRequest } from './microvm.js';
 
 export type ExecRequest = Omit<VmRequest, 'label'> & CommandRequest;
 
@@ -40,7 +40,7 @@ const GUEST_MARGIN_MS = 120_000;
  */
 export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: ExecDeps, signal: AbortSignal): Promise<ExecResult> {
   const guestLimitMs = deps.bootTimeoutMs + request.timeoutSeconds * 1000 + (deps.guestMarginMs ?? GUEST_MARGIN_MS);
-  const vm = await MicroVm.start({ ...request, label: request.argv }, io, deps, signal, { guestLimitMs });
+  const vm = await LiveVm.start({ ...request, label: request.argv }, io, deps, signal, { guestLimitMs });
   try {
     const status = await vm.run(request, io);
     // A timed-out command's directories are not synced: its writes may be half done.

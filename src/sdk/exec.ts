@@ -7,7 +7,7 @@ import { constants } from 'node:os';
 import { PassThrough, Readable, Writable } from 'node:stream';
 import { execInMicroVm, type ExecIo } from '../exec/run.js';
 import { silentProgress } from '../progress.js';
-import { MAX_SIGNAL, type ExecHandle as AgentExecHandle } from '../protocol/index.js';
+import { exitStatusToCode, MAX_SIGNAL, type ExecHandle as AgentExecHandle, type ExitStatus } from '../protocol/index.js';
 import { qemuProvider, resolveExec, type ExecOptions, type VmProvider } from './options.js';
 
 export interface ExecResult {
@@ -43,25 +43,31 @@ export interface ExecHandle {
 
 /** exec() over a given VmProvider (tests pass a scripted guest; the API uses QEMU). */
 export function createExec(provider: VmProvider): (argv: readonly string[], options?: ExecOptions) => ExecHandle {
-  return (argv, options = {}) => {
-    const stdout = outputChannel();
-    const stderr = outputChannel();
-    const stdin = options.stdin ? new PassThrough() : undefined;
-    const command = new PendingSignals();
-    const exited = run(argv, options, provider, { stdout: stdout.sink, stderr: stderr.sink, stdin, command }).finally(() => {
-      command.close();
-      stdout.sink.end();
-      stderr.sink.end();
-      // Nothing reads the stdin stream any more: let further writes drain away instead of piling up.
-      stdin?.resume();
-    });
-    return {
-      stdout: stdout.source,
-      stderr: stderr.source,
-      ...(stdin ? { stdin } : {}),
-      exited,
-      kill: (signal = 'SIGKILL') => command.send(signalNumber(signal)),
-    };
+  return (argv, options = {}) => commandHandle(options.stdin ?? false, (streams) => run(argv, options, provider, streams));
+}
+
+/**
+ * The handle of a command `work` runs with these streams: `exited` is `work`'s result, after which
+ * the output streams end and stdin is drained.
+ */
+export function commandHandle(wantStdin: boolean, work: (streams: RunStreams) => Promise<ExecResult>): ExecHandle {
+  const stdout = outputChannel();
+  const stderr = outputChannel();
+  const stdin = wantStdin ? new PassThrough() : undefined;
+  const command = new PendingSignals();
+  const exited = work({ stdout: stdout.sink, stderr: stderr.sink, stdin, command }).finally(() => {
+    command.close();
+    stdout.sink.end();
+    stderr.sink.end();
+    // Nothing reads the stdin stream any more: let further writes drain away instead of piling up.
+    stdin?.resume();
+  });
+  return {
+    stdout: stdout.source,
+    stderr: stderr.source,
+    ...(stdin ? { stdin } : {}),
+    exited,
+    kill: (signal = 'SIGKILL') => command.send(signalNumber(signal)),
   };
 }
 
@@ -101,11 +107,28 @@ function outputChannel(): { sink: Writable; source: Readable } {
   return { sink, source };
 }
 
-interface RunStreams {
+export interface RunStreams {
   stdout: Writable;
   stderr: Writable;
   stdin: Readable | undefined;
   command: PendingSignals;
+}
+
+/** The command's streams as the lifecycle takes them. */
+export function commandIo(streams: RunStreams, log: (line: string) => void) {
+  return {
+    stdin: streams.stdin ?? Readable.from([]),
+    stdout: streams.stdout,
+    stderr: streams.stderr,
+    log,
+    onCommandStarted: (started: Pick<AgentExecHandle, 'signal'>) => streams.command.start(started),
+  };
+}
+
+/** The result of a command as the API reports it. */
+export function execResult(status: ExitStatus): ExecResult {
+  const name = status.kind === 'signaled' ? SIGNAL_NAMES.get(status.code) : undefined;
+  return { exitCode: exitStatusToCode(status), ...(name ? { signal: name } : {}), timedOut: status.kind === 'timedOut' };
 }
 
 async function run(argv: readonly string[], options: ExecOptions, provider: VmProvider, streams: RunStreams): Promise<ExecResult> {
@@ -115,22 +138,13 @@ async function run(argv: readonly string[], options: ExecOptions, provider: VmPr
   const { request, deps } = await resolveExec(argv, options, provider, log);
   // Resolving read files and templates; an abort meanwhile must not start a VM.
   signal.throwIfAborted();
-  const io: ExecIo = {
-    stdin: streams.stdin ?? Readable.from([]),
-    stdout: streams.stdout,
-    stderr: streams.stderr,
-    log,
-    verbose: options.verbose ?? false,
-    progress: options.onProgress ?? silentProgress,
-    onCommandStarted: (started) => streams.command.start(started),
-  };
-  const { status, exitCode } = await execInMicroVm(request, io, deps, signal);
-  const name = status.kind === 'signaled' ? SIGNAL_NAMES.get(status.code) : undefined;
-  return { exitCode, ...(name ? { signal: name } : {}), timedOut: status.kind === 'timedOut' };
+  const io: ExecIo = { ...commandIo(streams, log), verbose: options.verbose ?? false, progress: options.onProgress ?? silentProgress };
+  const { status } = await execInMicroVm(request, io, deps, signal);
+  return execResult(status);
 }
 
 /** Signals asked for before the command started wait here, and go out in order as it starts. */
-class PendingSignals {
+export class PendingSignals {
   private command: Pick<AgentExecHandle, 'signal'> | undefined;
   private readonly waiting: number[] = [];
   private closed = false;

@@ -7,6 +7,8 @@ import { accelChoice, ACCEL_CHOICES, type AccelChoice } from '../accel/index.js'
 import { BACKEND_CHOICES, backendChoice, selectBackend, type Backend, type BackendChoice } from '../backends/index.js';
 import { parseAddDirSpec, validateAddDirs } from '../dirsync/index.js';
 import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, defaultBootImage, type DefaultImageOptions } from '../exec/default-image.js';
+import type { CommandRequest } from '../exec/command.js';
+import type { VmRequest } from '../exec/microvm.js';
 import type { ExecDeps, ExecRequest } from '../exec/run.js';
 import { ENV_KEY_RULE, isValidEnvKey, mergeEnv } from '../launchplan/env.js';
 import type { LaunchPlan } from '../launchplan/index.js';
@@ -70,6 +72,23 @@ export interface VmProvider {
 
 export const qemuProvider: VmProvider = { backend: selectBackend, defaultImage: defaultBootImage };
 
+/** What a VM is, as opposed to a command in it: the options `MicroVm.start` takes. */
+export type VmOptions = Pick<
+  ExecOptions,
+  'cpus' | 'memory' | 'addDirs' | 'template' | 'noSnapshot' | 'accel' | 'backend' | 'net' | 'allowHosts' | 'publish' | 'signal' | 'onProgress' | 'onWarning' | 'verbose'
+> & {
+  /** What `mvmctl ls` shows as the VM's command. */
+  label?: string[];
+};
+
+/** What a command is: the options `vm.exec` takes. */
+export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'timeout' | 'stdin' | 'signal'>;
+
+export interface ResolvedVm {
+  request: Omit<VmRequest, 'label'>;
+  deps: ExecDeps;
+}
+
 export interface ResolvedExec {
   request: ExecRequest;
   deps: ExecDeps;
@@ -77,20 +96,45 @@ export interface ResolvedExec {
 
 /** Checks `options` (cheap checks first, files and templates after) and resolves what to run and boot. */
 export async function resolveExec(argv: readonly string[], options: ExecOptions, provider: VmProvider, log: (line: string) => void): Promise<ResolvedExec> {
+  const command = resolveCommand(argv, options, { launchPlan: options.launchPlan });
+  // Loaded on use: the schema library costs a noticeable part of every exec's start-up.
+  const plan: LaunchPlan | undefined = options.launchPlan === undefined ? undefined : await (await import('../launchplan/index.js')).loadLaunchPlan(options.launchPlan);
+  const vm = await resolveVm(options, provider, log);
+  if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
+  return {
+    request: {
+      ...command,
+      argv: plan?.argv ?? command.argv,
+      // Lowest to highest precedence: the plan's env (app/top-level < entrypoint), then the options'.
+      env: mergeEnv(plan?.env ?? {}, command.env),
+      // A plan's working_dir is created when missing, as a container's WORKDIR would be; a cwd given here is not.
+      cwd: options.cwd ?? plan?.cwd,
+      createCwd: options.cwd === undefined && plan !== undefined,
+      ...vm.request,
+    },
+    deps: vm.deps,
+  };
+}
+
+/** Checks a command's options (no files read). With `launchPlan`, argv must be empty: the plan supplies it. */
+export function resolveCommand(argv: readonly string[], options: CommandOptions, { launchPlan }: { launchPlan?: string } = {}): CommandRequest {
   const env = checkEnv(options.env ?? {});
+  const timeoutSeconds = integerIn(options.timeout ?? DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE, 'timeout');
+  checkCommand(argv, launchPlan);
+  if (options.cwd !== undefined) checkGuestString('cwd', options.cwd, { absolute: true });
+  return { argv: [...argv], env, ...(options.cwd !== undefined ? { cwd: options.cwd } : {}), timeoutSeconds, interactive: options.stdin ?? false };
+}
+
+/** Checks a VM's options (cheap checks first, files and templates after) and resolves what to boot. */
+export async function resolveVm(options: VmOptions, provider: VmProvider, log: (line: string) => void): Promise<ResolvedVm> {
   const cpus = options.cpus === undefined ? undefined : integerIn(options.cpus, CPUS_RANGE, 'cpus');
   const memoryMiB = options.memory === undefined ? undefined : parseMemory(options.memory, 'memory');
-  const timeoutSeconds = integerIn(options.timeout ?? DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE, 'timeout');
-  checkCommand(argv, options.launchPlan);
-  if (options.cwd !== undefined) checkGuestString('cwd', options.cwd, { absolute: true });
   checkChoice('accel', options.accel, ACCEL_CHOICES);
   const backendName = backendChoice(checkChoice('backend', options.backend, BACKEND_CHOICES));
   const addDirSpecs = (options.addDirs ?? []).map(addDirSpec);
   checkStrings('allowHosts', options.allowHosts);
   checkStrings('publish', options.publish);
 
-  // Loaded on use: the schema library costs a noticeable part of every exec's start-up.
-  const plan: LaunchPlan | undefined = options.launchPlan === undefined ? undefined : await (await import('../launchplan/index.js')).loadLaunchPlan(options.launchPlan);
   const addDirs = addDirSpecs.map((spec) => parseAddDirSpec(spec, process.cwd()));
   validateAddDirs(addDirs);
   const backend = provider.backend(backendName);
@@ -108,21 +152,8 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
   const ensureImage = template
     ? async () => templateBootImage(template, backend, snapshotRequest)
     : provider.defaultImage({ backend, request: snapshotRequest, bootTimeoutMs, log });
-  if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
   return {
-    request: {
-      argv: plan?.argv ?? [...argv],
-      // Lowest to highest precedence: the plan's env (app/top-level < entrypoint), then the options'.
-      env: mergeEnv(plan?.env ?? {}, env),
-      // A plan's working_dir is created when missing, as a container's WORKDIR would be; a cwd given here is not.
-      cwd: options.cwd ?? plan?.cwd,
-      createCwd: options.cwd === undefined && plan !== undefined,
-      ...size,
-      timeoutSeconds,
-      interactive: options.stdin ?? false,
-      addDirs,
-      ...(network ? { network } : {}),
-    },
+    request: { ...size, addDirs, ...(network ? { network } : {}) },
     deps: { backend, ensureImage, bootTimeoutMs, accel },
   };
 }
