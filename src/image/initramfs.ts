@@ -31,7 +31,7 @@ export const REQUIRED_APPLETS: readonly string[] = [
  * respawned agent would know nothing of the session, and the host would wait on a command that
  * has already ended. The VMM's exit then tells the host at once (exit 125). There is no rc script:
  * the agent mounts /proc, /sys, /dev, /tmp, /run and sets the hostname itself at start
- * (guest/agent.c, guest_setup), in system calls rather than one emulated process per step.
+ * (guest/setup.c, guest_setup), in system calls rather than one emulated process per step.
  */
 export const INITTAB = `# busybox init: start the mvm guest agent, which sets up the early mounts itself; when it ends, so does the VM.
 ::once:/bin/busybox sh -c '${GUEST_AGENT_PATH}; exec /bin/busybox reboot -f'
