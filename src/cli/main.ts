@@ -6,6 +6,7 @@ import { doctorCommand } from './doctor.js';
 import { execCommand } from './exec.js';
 import { imageCommand } from './image.js';
 import { templateCommand } from './template.js';
+import { consoleCommand, superviseCommand, upCommand } from './up.js';
 import { downCommand, lsCommand } from './vms.js';
 
 const packageJson = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -16,7 +17,8 @@ function program(): Command {
     .version(packageJson.version, '--version')
     .enablePositionalOptions()
     .showHelpAfterError(false);
-  for (const command of [execCommand(), lsCommand(), downCommand(), imageCommand(), templateCommand(), compileCommand(), doctorCommand()]) root.addCommand(command);
+  for (const command of [execCommand(), upCommand(), consoleCommand(), lsCommand(), downCommand(), imageCommand(), templateCommand(), compileCommand(), doctorCommand()]) root.addCommand(command);
+  root.addCommand(superviseCommand(), { hidden: true });
   // Commander's own usage errors become one `mvmctl: …` line and exit 125, like every other failure of mvmctl itself.
   const configure = (command: Command) => {
     command.exitOverride().configureOutput({ outputError: () => {} });

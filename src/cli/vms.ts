@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import { recoverInterruptedSyncs } from '../dirsync/index.js';
 import { listVms, stopVm } from '../state/registry.js';
+import { stopSupervised } from '../supervisor/client.js';
 import { logLine } from './parse.js';
 import { table } from './table.js';
 import { MvmError } from '../errors.js';
@@ -33,14 +34,15 @@ export function lsCommand(): Command {
 
 export function downCommand(): Command {
   return new Command('down')
-    .description('stop running microVMs')
+    .description('stop running microVMs (an `up` VM stops cleanly: rw directories are synced back)')
     .argument('[names...]', 'VM names, as `mvmctl ls` shows them')
     .option('--all', 'stop every running VM')
     .action(async (names: string[], options: { all?: boolean }) => {
       if (options.all && names.length > 0) throw new MvmError('give VM names or --all, not both');
       if (!options.all && names.length === 0) throw new MvmError('name the VMs to stop (see `mvmctl ls`), or pass --all');
       const targets = options.all ? (await listVms()).map((vm) => vm.name) : names;
-      await Promise.all(targets.map((name) => stopVm(name)));
+      // An `up` VM's supervisor stops it cleanly; an exec's VM is stopped through its mvmctl.
+      await Promise.all(targets.map(async (name) => (await stopSupervised(name, logLine)) || stopVm(name)));
       for (const name of targets) process.stdout.write(`${name}\n`);
     });
 }

@@ -29,6 +29,8 @@ export interface VmRequest {
   network?: NetworkPlan;
   /** What `ls` shows as the VM's command. */
   label: string[];
+  /** The VM's name (checkVmName); default: a generated one. */
+  name?: string;
 }
 
 export interface VmIo {
@@ -82,9 +84,14 @@ export class LiveVm {
     return this.owned.name;
   }
 
-  /** Settles when the VM's VMM has exited, however that happened. */
-  get exited(): Promise<unknown> {
-    return this.vm.exited;
+  /** The VM's private directory (its sockets live there). */
+  get runDir(): string {
+    return this.owned.runDir;
+  }
+
+  /** Settles when the VM can run no more commands: its VMM exited, or the guest failed. */
+  get failed(): Promise<unknown> {
+    return this.vm.failed;
   }
 
   /**
@@ -104,6 +111,7 @@ export class LiveVm {
     const owned = await OwnedVm.create(deps.backend, {
       command: request.label,
       templateDir: image.template?.dir,
+      ...(request.name ? { name: request.name } : {}),
       onVmmStarted: (started) => timings.mark(`VMM started (agent over ${started.agentChannel})`),
     });
     const guestDeadline = new GuestDeadline(signal);

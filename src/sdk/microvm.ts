@@ -14,11 +14,16 @@ export class MicroVm implements AsyncDisposable {
   private readonly stopping = new AbortController();
   private running: Promise<unknown> = Promise.resolve();
   private stopped?: Promise<void>;
+  private readonly gone: Promise<void>;
+  private markGone!: () => void;
 
   private constructor(
     private readonly live: LiveVm,
     private readonly log: (line: string) => void,
-  ) {}
+  ) {
+    this.gone = new Promise<void>((resolve) => (this.markGone = resolve));
+    void live.failed.then(() => this.markGone());
+  }
 
   /**
    * Boots a VM (restoring the image's or template's snapshot where one fits). Rejects with an
@@ -49,6 +54,11 @@ export class MicroVm implements AsyncDisposable {
     return this.live.name;
   }
 
+  /** Settles once the VM is gone: stopped, or failed under its commands (its VMM exited). */
+  get closed(): Promise<void> {
+    return this.gone;
+  }
+
   /**
    * Runs `argv` in the VM: the handle is exec()'s. Commands run one after another in the order
    * they were given; each sees what the ones before it left in the guest.
@@ -59,7 +69,7 @@ export class MicroVm implements AsyncDisposable {
       const turn = this.running.then(async () => {
         if (this.stopped) throw new MvmError(`${this.name} is stopped`);
         const signals = [this.stopping.signal, ...(options.signal ? [options.signal] : [])];
-        return this.live.run(request, commandIo(streams, this.log), AbortSignal.any(signals));
+        return this.live.run(request, commandIo(streams, options.onWarning ?? this.log), AbortSignal.any(signals));
       });
       this.running = turn.catch(() => {});
       return execResult(await turn);
@@ -78,6 +88,7 @@ export class MicroVm implements AsyncDisposable {
         await this.live.stop({ sync: true });
       } finally {
         await this.live.release();
+        this.markGone();
       }
     })();
     return this.stopped;

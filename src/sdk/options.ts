@@ -13,6 +13,7 @@ import type { ExecDeps, ExecRequest } from '../exec/run.js';
 import { ENV_KEY_RULE, isValidEnvKey, mergeEnv } from '../launchplan/env.js';
 import type { LaunchPlan } from '../launchplan/index.js';
 import { planNetwork, type NetMode } from '../net/spec.js';
+import { checkVmName } from '../state/registry.js';
 import { requireTemplate, templateBootImage } from '../templates/index.js';
 import { bootTimeoutFromEnv, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
 
@@ -77,12 +78,14 @@ export type VmOptions = Pick<
   ExecOptions,
   'cpus' | 'memory' | 'addDirs' | 'template' | 'noSnapshot' | 'accel' | 'backend' | 'net' | 'allowHosts' | 'publish' | 'signal' | 'onProgress' | 'onWarning' | 'verbose'
 > & {
+  /** The VM's name in `mvmctl ls` (letters, digits, . _ -); default: a generated `exec-…` one. */
+  name?: string;
   /** What `mvmctl ls` shows as the VM's command. */
   label?: string[];
 };
 
 /** What a command is: the options `vm.exec` takes. */
-export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'timeout' | 'stdin' | 'signal'>;
+export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'timeout' | 'stdin' | 'signal' | 'onWarning'>;
 
 export interface ResolvedVm {
   request: Omit<VmRequest, 'label'>;
@@ -129,6 +132,7 @@ export function resolveCommand(argv: readonly string[], options: CommandOptions,
 export async function resolveVm(options: VmOptions, provider: VmProvider, log: (line: string) => void): Promise<ResolvedVm> {
   const cpus = options.cpus === undefined ? undefined : integerIn(options.cpus, CPUS_RANGE, 'cpus');
   const memoryMiB = options.memory === undefined ? undefined : parseMemory(options.memory, 'memory');
+  if (options.name !== undefined) checkVmName(options.name);
   checkChoice('accel', options.accel, ACCEL_CHOICES);
   const backendName = backendChoice(checkChoice('backend', options.backend, BACKEND_CHOICES));
   const addDirSpecs = (options.addDirs ?? []).map(addDirSpec);
@@ -153,7 +157,7 @@ export async function resolveVm(options: VmOptions, provider: VmProvider, log: (
     ? async () => templateBootImage(template, backend, snapshotRequest)
     : provider.defaultImage({ backend, request: snapshotRequest, bootTimeoutMs, log });
   return {
-    request: { ...size, addDirs, ...(network ? { network } : {}) },
+    request: { ...size, addDirs, ...(network ? { network } : {}), ...(options.name !== undefined ? { name: options.name } : {}) },
     deps: { backend, ensureImage, bootTimeoutMs, accel },
   };
 }

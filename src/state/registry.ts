@@ -59,12 +59,31 @@ export function vmsDir(): string {
   return join(stateDir(), 'vms');
 }
 
-/** What `newVmName` makes: the only entries of vms/ the registry reads or removes. */
-const VM_NAME = /^exec-([0-9a-f]+)-[0-9a-f]+$/;
+/** What `newVmName` makes: the pid of the process that made it is in the name. */
+const GENERATED_NAME = /^exec-([0-9a-f]+)-[0-9a-f]+$/;
+/** A name the user gives (`up --name`): one path component, no leading dot. */
+const USER_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+/** The only entries of vms/ the registry reads or removes. */
+const isVmName = (name: string) => GENERATED_NAME.test(name) || USER_NAME.test(name);
+/** How long a directory without a record may be left as it is when its name does not say who made it. */
+const UNRECORDED_GRACE_MS = 60_000;
 
 /** `exec-<pid-hex>-<random>`: the pid makes a VM easy to match to its mvmctl, the random part unique. */
 export function newVmName(pid = process.pid): string {
   return `exec-${pid.toString(16)}-${randomBytes(3).toString('hex')}`;
+}
+
+/** The directory of the VM `name`, or undefined when `name` is no VM name (it could lead outside vms/). */
+export function vmRunDir(name: string): string | undefined {
+  return isVmName(name) ? vmDir(name) : undefined;
+}
+
+/** Checks a name the user gives a VM; generated names are left to newVmName. */
+export function checkVmName(name: string): string {
+  if (!USER_NAME.test(name) || GENERATED_NAME.test(name)) {
+    throw new MvmError(`'${name}' cannot name a VM: use letters, digits and . _ - (at most 63, not starting with . or -, and not of the form exec-HEX-HEX)`);
+  }
+  return name;
 }
 
 function vmDir(name: string): string {
@@ -104,12 +123,15 @@ function refuseUnlessPrivate(path: string, info: Stats): void {
 /**
  * The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): together with
  * the pid it identifies a process, so a recycled pid is never mistaken for the VM's owner or VMM.
+ * Undefined when there is no such process, or it has exited.
  */
 export function processStartTicks(pid: number): number | undefined {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     // The command name (field 2) may contain spaces and parentheses: split after its last ')'.
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    // A zombie has exited: an orphan whose reaper (the PID 1 of a container, say) never waits for it stays one.
+    if (fields[0] === 'Z' || fields[0] === 'X') return undefined;
     return Number(fields[19]);
   } catch {
     return undefined;
@@ -168,7 +190,9 @@ export async function createVmDir(name: string): Promise<string> {
   await mkdir(vmsDir(), { recursive: true, mode: 0o700 });
   await checkStateDirs();
   const runDir = vmDir(name);
-  await mkdir(runDir, { mode: 0o700 });
+  await mkdir(runDir, { mode: 0o700 }).catch((error: NodeJS.ErrnoException) => {
+    throw error.code === 'EEXIST' ? new MvmError(`a VM named '${name}' is already running (see mvmctl ls)`) : error;
+  });
   return runDir;
 }
 
@@ -231,8 +255,8 @@ export async function listVms(): Promise<VmStatus[]> {
   if (!(await checkStateDirs())) return [];
   const running: VmStatus[] = [];
   for (const name of (await readdir(vmsDir())).sort()) {
-    // newVmName made none of the others: someone else put them there, so they are left alone.
-    if (!VM_NAME.test(name)) continue;
+    // We made none of the others: someone else put them there, so they are left alone.
+    if (!isVmName(name)) continue;
     const record = await readRecord(name);
     if (!record) {
       await reapUnrecorded(name);
@@ -252,8 +276,14 @@ export async function listVms(): Promise<VmStatus[]> {
  * killed before it wrote one; the pid in the name tells which.
  */
 async function reapUnrecorded(name: string): Promise<void> {
-  const creatorPid = parseInt(VM_NAME.exec(name)![1], 16);
-  if (processStartTicks(creatorPid) !== undefined) return;
+  const generated = GENERATED_NAME.exec(name);
+  if (generated) {
+    if (processStartTicks(parseInt(generated[1]!, 16)) !== undefined) return;
+  } else {
+    // A user's name says nothing of its maker: only a directory left unrecorded for a while is stale.
+    const info = await lstat(vmDir(name)).catch(() => undefined);
+    if (!info || Date.now() - info.mtimeMs < UNRECORDED_GRACE_MS) return;
+  }
   await removeVmDir(vmDir(name));
 }
 
@@ -263,7 +293,7 @@ async function reapUnrecorded(name: string): Promise<void> {
  */
 export async function stopVm(name: string, timeoutMs = 10_000): Promise<void> {
   // The name is the user's: one that is not a VM name could lead outside vms/ ('../..').
-  const record = VM_NAME.test(name) && (await checkStateDirs()) ? await readRecord(name) : undefined;
+  const record = isVmName(name) && (await checkStateDirs()) ? await readRecord(name) : undefined;
   if (!record) {
     const known = (await listVms()).map((vm) => vm.name);
     throw new MvmError(

@@ -18,6 +18,8 @@ export interface OwnOptions {
   templateDir?: string;
   /** Called as each VMM starts (for -v timings). */
   onVmmStarted?: (vm: RunningVm) => void;
+  /** The VM's name: one the user gave it (checkVmName), else a generated exec-… name. */
+  name?: string;
 }
 
 export class OwnedVm {
@@ -33,7 +35,7 @@ export class OwnedVm {
 
   /** Creates the VM's directory and record; nothing runs yet. */
   static async create(backend: Backend, options: OwnOptions): Promise<OwnedVm> {
-    const name = newVmName();
+    const name = options.name ?? newVmName();
     const runDir = await createVmDir(name);
     try {
       const record = ownVmRecord({ name, backend: backend.name, command: options.command, runDir });

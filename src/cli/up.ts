@@ -1,0 +1,126 @@
+import { constants } from 'node:os';
+import { text } from 'node:stream/consumers';
+import { Command, Option } from 'commander';
+import type { AccelChoice } from '../accel/index.js';
+import { BACKEND_CHOICES, type BackendChoice } from '../backends/index.js';
+import { MvmError } from '../errors.js';
+import { parseEnvAssignment } from '../launchplan/env.js';
+import { NET_MODES, type NetMode } from '../net/spec.js';
+import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js';
+import { consoleRun, startSupervised } from '../supervisor/client.js';
+import { supervise, type SupervisedOptions } from '../supervisor/serve.js';
+import { accelOption, collect, logLine, parseIntegerIn, parseMemory } from './parse.js';
+
+interface UpFlags {
+  name?: string;
+  cpus?: number;
+  memory?: number;
+  addDir: string[];
+  manifest?: string;
+  snapshot: boolean;
+  backend?: BackendChoice;
+  accel?: AccelChoice;
+  net?: NetMode;
+  allowHost: string[];
+  publish: string[];
+  verbose?: boolean;
+}
+
+export function upCommand(): Command {
+  return new Command('up')
+    .description('start a microVM that stays up (run commands in it with `mvmctl console`, stop it with `mvmctl down`); prints its name')
+    .option('--name <name>', 'the VM\'s name (default: a generated exec-… one)')
+    .option('--cpus <n>', 'virtual CPUs (default 2, or the template\'s)', parseIntegerIn(1, 64))
+    .addOption(new Option('--memory <size>', 'guest memory: K/M/G suffix, bare number = MiB (default 512M, or the template\'s)').argParser(parseMemory))
+    .option('--add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back at `mvmctl down` (repeatable)', collect, [])
+    .option('--manifest <name>', 'boot this template instead of the default image')
+    .option('--no-snapshot', 'boot cold even when the image or template has a snapshot')
+    .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES))
+    .addOption(accelOption())
+    .addOption(new Option('--net <mode>', "the guest's network: none or user (default: none, or the template's)").choices(NET_MODES))
+    .option('--allow-host <NAME[:PORT]>', 'let the guest reach only this host, over HTTP(S) through a proxy on the host (repeatable)', collect, [])
+    .option('-p, --publish <[ADDRESS:]HOSTPORT:GUESTPORT>', 'forward a host TCP port (on 127.0.0.1 unless ADDRESS is given) to the guest (repeatable)', collect, [])
+    .option('-v, --verbose', 'show the guest console and timings on stderr while it starts')
+    .action(async (flags: UpFlags) => {
+      const options: SupervisedOptions = {
+        ...(flags.name !== undefined ? { name: flags.name } : {}),
+        ...(flags.cpus !== undefined ? { cpus: flags.cpus } : {}),
+        ...(flags.memory !== undefined ? { memory: flags.memory } : {}),
+        addDirs: flags.addDir,
+        ...(flags.manifest !== undefined ? { template: flags.manifest } : {}),
+        noSnapshot: !flags.snapshot,
+        ...(flags.backend ? { backend: flags.backend } : {}),
+        ...(flags.accel ? { accel: flags.accel } : {}),
+        ...(flags.net ? { net: flags.net } : {}),
+        allowHosts: flags.allowHost,
+        publish: flags.publish,
+        verbose: flags.verbose ?? false,
+      };
+      const name = await startSupervised(process.argv[1]!, options, (line) => process.stderr.write(`${line}\n`));
+      process.stdout.write(`${name}\n`);
+    });
+}
+
+interface ConsoleFlags {
+  command?: string;
+  env: string[];
+  interactive?: boolean;
+  timeout: number;
+}
+
+export function consoleCommand(): Command {
+  return new Command('console')
+    .description('run a command in a VM that `mvmctl up` started: streams, and exits with its code, as exec does')
+    .usage('NAME (--command "SHELL COMMAND" | -- CMD [ARGS...])')
+    .argument('<name>', 'the VM, as `mvmctl up` printed it')
+    .argument('[command...]', 'the command and its arguments, run as given (no shell)')
+    .option('--command <shell command>', 'run this with /bin/sh -c')
+    .option('-e, --env <KEY=VALUE>', 'set an environment variable for the command (repeatable)', collect, [])
+    .option('-i, --interactive', 'forward stdin to the command (otherwise its stdin is /dev/null)')
+    .option('--timeout <seconds>', 'kill the command (exit 124) after this many seconds', parseIntegerIn(TIMEOUT_SECONDS_RANGE.min, TIMEOUT_SECONDS_RANGE.max), DEFAULT_TIMEOUT_SECONDS)
+    .action(async (name: string, argv: string[], flags: ConsoleFlags) => {
+      if ((flags.command === undefined) === (argv.length === 0)) throw new MvmError('give the command either as --command "..." or after --, not both or neither');
+      const run = await consoleRun(
+        name,
+        {
+          argv: flags.command !== undefined ? ['/bin/sh', '-c', flags.command] : argv,
+          env: Object.fromEntries(flags.env.map(parseEnvAssignment)),
+          timeout: flags.timeout,
+          interactive: flags.interactive ?? false,
+        },
+        { stdin: process.stdin, stdout: process.stdout, stderr: process.stderr, log: logLine },
+      );
+      // The first Ctrl-C (or SIGTERM, SIGHUP) goes to the command, which decides; a second leaves it.
+      let interrupted: NodeJS.Signals | undefined;
+      const onSignal = (signal: NodeJS.Signals) => {
+        if (interrupted) {
+          run.detach();
+          process.exit(128 + constants.signals[interrupted]);
+        }
+        interrupted = signal;
+        run.signal(constants.signals[signal]);
+      };
+      const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+      for (const signal of signals) process.on(signal, onSignal);
+      try {
+        process.exitCode = await run.exited;
+      } finally {
+        for (const signal of signals) process.removeListener(signal, onSignal);
+      }
+    });
+}
+
+/** The supervisor of an `up` VM (started by `up` itself): its options as JSON on stdin. */
+export function superviseCommand(): Command {
+  return new Command('__supervise').action(async () => {
+    const options = JSON.parse(await text(process.stdin)) as SupervisedOptions;
+    // Once `up` has returned, nobody reads these pipes: nothing is written to them then.
+    process.stdout.on('error', () => {});
+    process.stderr.on('error', () => {});
+    process.exitCode = await supervise(options, {
+      line: (line) => process.stderr.write(`mvmctl: ${line}\n`),
+      ready: (name) => process.stdout.write(JSON.stringify({ ready: name }) + '\n'),
+      failed: (error) => process.stdout.write(JSON.stringify({ error: { message: error.message, exitCode: error.exitCode, details: error.details } }) + '\n'),
+    });
+  });
+}

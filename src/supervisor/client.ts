@@ -1,0 +1,172 @@
+/**
+ * The other end of a long-lived VM's control socket: `up` starts the supervisor and waits for it to
+ * say the VM is ready; `console` runs a command through it; `down` asks it to stop.
+ */
+import { spawn } from 'node:child_process';
+import { connect, type Socket } from 'node:net';
+import type { Readable, Writable } from 'node:stream';
+import { MvmError } from '../errors.js';
+import { listVms, vmRunDir } from '../state/registry.js';
+import type { SupervisedOptions } from './serve.js';
+import { controlSocketPath, onLines, readMessages, send } from './wire.js';
+
+/** How long a VM may take to boot under its supervisor before `up` gives up on it. */
+const UP_TIMEOUT_MS = 300_000;
+/** How long a stop (unmounts, power-off, sync-back of rw directories) may take. */
+const STOP_TIMEOUT_MS = 600_000;
+
+/**
+ * Starts a supervisor (`mvmctl __supervise`, detached in its own session, so a Ctrl-C at the
+ * terminal does not reach it) and resolves with the VM's name once it is up. Its lines until then
+ * go to `onLine`.
+ */
+export function startSupervised(mvmctl: string, options: SupervisedOptions, onLine: (line: string) => void): Promise<string> {
+  const child = spawn(process.execPath, [mvmctl, '__supervise'], { detached: true, stdio: ['pipe', 'pipe', 'pipe'] });
+  child.stdin!.end(JSON.stringify(options));
+  return new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGTERM');
+      finish(new MvmError(`the VM did not come up within ${UP_TIMEOUT_MS / 1000} s`));
+    }, UP_TIMEOUT_MS);
+    let settled = false;
+    const finish = (result: string | Error) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      // The supervisor lives on; its pipes to us do not.
+      child.stdout!.destroy();
+      child.stderr!.destroy();
+      child.unref();
+      if (typeof result === 'string') resolve(result);
+      else reject(result);
+    };
+    onLines(child.stderr!, onLine);
+    onLines(child.stdout!, (line) => {
+      const report = JSON.parse(line) as { ready?: string; error?: { message: string; exitCode: number; details?: string[] } };
+      if (report.ready) finish(report.ready);
+      else if (report.error) finish(new MvmError(report.error.message, report.error.exitCode, report.error.details));
+    });
+    child.once('exit', (code, signal) => finish(new MvmError(`the VM's supervisor exited before the VM was up (${signal ?? `status ${code}`})`)));
+  });
+}
+
+/** Connects to the VM's control socket; a VM that is not up (or not one `up` started) is exit 1. */
+async function connectControl(name: string): Promise<Socket> {
+  const runDir = vmRunDir(name);
+  const notUp = async () => {
+    const up = (await listVms()).map((vm) => vm.name);
+    return new MvmError(`no VM named '${name}' is up` + (up.length ? ` (running: ${up.join(', ')})` : ' (none is running)'), 1);
+  };
+  if (!runDir) throw await notUp();
+  const socket = connect(controlSocketPath(runDir));
+  try {
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', resolve);
+      socket.once('error', reject);
+    });
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ECONNREFUSED') throw await notUp();
+    throw new MvmError(`cannot reach ${name}'s supervisor: ${(error as Error).message}`);
+  }
+  return socket;
+}
+
+export interface ConsoleRequest {
+  argv: string[];
+  env: Record<string, string>;
+  cwd?: string;
+  timeout: number;
+  interactive: boolean;
+}
+
+export interface ConsoleIo {
+  stdin: Readable;
+  stdout: Writable;
+  stderr: Writable;
+  log: (line: string) => void;
+}
+
+export interface ConsoleRun {
+  /** The command's exit code, as `exec` gives it. */
+  exited: Promise<number>;
+  /** Sends a signal to the command's process group. */
+  signal(signo: number): void;
+  /** Leaves: the supervisor kills the command. */
+  detach(): void;
+}
+
+/** Runs a command in the VM `name` through its supervisor, streaming as `exec` does. */
+export async function consoleRun(name: string, request: ConsoleRequest, io: ConsoleIo): Promise<ConsoleRun> {
+  const socket = await connectControl(name);
+  send(socket, { type: 'exec', argv: request.argv, env: request.env, ...(request.cwd ? { cwd: request.cwd } : {}), timeout: request.timeout, stdin: request.interactive });
+  if (request.interactive) {
+    io.stdin.on('data', (chunk: Buffer) => {
+      if (!send(socket, { type: 'stdin', data: chunk.toString('base64') })) {
+        io.stdin.pause();
+        socket.once('drain', () => io.stdin.resume());
+      }
+    });
+    io.stdin.once('end', () => send(socket, { type: 'stdin-eof' }));
+  }
+  const exited = new Promise<number>((resolve, reject) => {
+    let done = false;
+    readMessages(socket, (message) => {
+      if (message.type === 'stdout' || message.type === 'stderr') {
+        const out = message.type === 'stdout' ? io.stdout : io.stderr;
+        // A slow reader of our output holds the guest back, through the supervisor.
+        if (!out.write(Buffer.from(String(message.data), 'base64'))) {
+          socket.pause();
+          out.once('drain', () => socket.resume());
+        }
+      } else if (message.type === 'log') io.log(String(message.line));
+      else if (message.type === 'exit') {
+        done = true;
+        resolve(Number(message.exitCode));
+      } else if (message.type === 'error') {
+        done = true;
+        reject(new MvmError(String(message.message), Number(message.exitCode), Array.isArray(message.details) ? message.details.map(String) : []));
+      }
+    });
+    socket.once('close', () => {
+      if (!done) reject(new MvmError(`${name} went away before the command finished`));
+      io.stdin.pause();
+    });
+    socket.on('error', () => {});
+  });
+  return {
+    exited,
+    signal: (signo) => void send(socket, { type: 'signal', signal: signo }),
+    detach: () => socket.destroy(),
+  };
+}
+
+/**
+ * Stops an `up` VM through its supervisor (a clean stop: rw directories synced back), with its
+ * lines to `log`. False when the VM has no supervisor to ask (an exec's VM): the caller stops it
+ * the other way.
+ */
+export async function stopSupervised(name: string, log: (line: string) => void): Promise<boolean> {
+  let socket: Socket;
+  try {
+    socket = await connectControl(name);
+  } catch {
+    return false;
+  }
+  send(socket, { type: 'stop' });
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new MvmError(`${name} did not stop within ${STOP_TIMEOUT_MS / 1000} s`));
+    }, STOP_TIMEOUT_MS);
+    readMessages(socket, (message) => {
+      if (message.type === 'log') log(String(message.line));
+    });
+    socket.once('close', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    socket.on('error', () => {});
+  });
+  return true;
+}
