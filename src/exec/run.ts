@@ -53,6 +53,8 @@ export interface ExecDeps {
   accel: AccelChoice;
   /** Replaces GUEST_MARGIN_MS (tests). */
   guestMarginMs?: number;
+  /** Replaces HOST_DEADLINE_GRACE_MS (tests). */
+  hostDeadlineGraceMs?: number;
 }
 
 export interface ExecResult {
@@ -161,7 +163,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
       if (!dir.readOnly) pendingSync.add(dir);
     }
 
-    const status = await runCommand(session, vm, { ...request, env: { ...network?.env, ...request.env } }, io, guestSignal);
+    const status = await runCommand(session, vm, { ...request, env: { ...network?.env, ...request.env } }, io, guestSignal, deps.hostDeadlineGraceMs ?? HOST_DEADLINE_GRACE_MS);
     timings.mark('command finished');
 
     // A timed-out command's directories are not synced: its writes may be half done.
@@ -283,7 +285,7 @@ async function unmountForSync(dirs: StagedDir[], session: AgentSession, io: Exec
   return clean;
 }
 
-async function runCommand(session: AgentSession, vm: RunningVm, request: ExecRequest, io: ExecIo, signal: AbortSignal): Promise<ExitStatus> {
+async function runCommand(session: AgentSession, vm: RunningVm, request: ExecRequest, io: ExecIo, signal: AbortSignal, graceMs: number): Promise<ExitStatus> {
   const handle = await session.exec({
     argv: request.argv,
     env: request.env,
@@ -305,7 +307,7 @@ async function runCommand(session: AgentSession, vm: RunningVm, request: ExecReq
       vmKilledByHost = true;
       void vm.kill();
       resolve({ kind: 'timedOut', code: 9, message: 'the guest missed its deadline; the VM was killed' });
-    }, request.timeoutSeconds * 1000 + HOST_DEADLINE_GRACE_MS);
+    }, request.timeoutSeconds * 1000 + graceMs);
   });
   const vmDied = vm.failed.then((failure): never => {
     const why = failure.reason.startsWith('the VMM exited') ? 'guest crash?' : failure.reason;
