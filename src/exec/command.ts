@@ -38,7 +38,14 @@ const POWEROFF_WAIT_MS = 5_000;
  * command's deadline by more than the grace gets its VM killed (the status says timed out); a VM
  * that stops under the command is an MvmError (exit 125) with the console's tail.
  */
-export async function runCommand(session: AgentSession, vm: RunningVm, request: CommandRequest, io: CommandIo, signal: AbortSignal): Promise<ExitStatus> {
+export async function runCommand(
+  session: AgentSession,
+  vm: RunningVm,
+  request: CommandRequest,
+  io: CommandIo,
+  signal: AbortSignal,
+  graceMs = HOST_DEADLINE_GRACE_MS,
+): Promise<ExitStatus> {
   const handle = await session.exec({
     argv: request.argv,
     env: request.env,
@@ -60,7 +67,7 @@ export async function runCommand(session: AgentSession, vm: RunningVm, request: 
       vmKilledByHost = true;
       void vm.kill();
       resolve({ kind: 'timedOut', code: 9, message: 'the guest missed its deadline; the VM was killed' });
-    }, request.timeoutSeconds * 1000 + HOST_DEADLINE_GRACE_MS);
+    }, request.timeoutSeconds * 1000 + graceMs);
   });
   const vmDied = vm.failed.then((failure): never => {
     const why = failure.reason.startsWith('the VMM exited') ? 'guest crash?' : failure.reason;

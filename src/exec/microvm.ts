@@ -46,6 +46,8 @@ export interface VmDeps {
   /** How long the guest may take from VMM start to the agent's answer. */
   bootTimeoutMs: number;
   accel: AccelChoice;
+  /** Replaces the grace a command's guest gets past its deadline before its VM is killed (tests). */
+  hostDeadlineGraceMs?: number;
 }
 
 export interface StartOptions {
@@ -76,6 +78,7 @@ export class LiveVm {
     /** The caller's signal (Ctrl-C, `down`): it also stops a sync-back. */
     private readonly signal: AbortSignal,
     private readonly guestDeadline: GuestDeadline,
+    private readonly hostDeadlineGraceMs: number | undefined,
   ) {
     for (const dir of staged) if (!dir.readOnly) this.pendingSync.add(dir);
   }
@@ -174,7 +177,7 @@ export class LiveVm {
           throw new MvmError(`--add-dir ${dir.spec.spec}: the guest could not mount it: ${error.message}`);
         });
       }
-      return new LiveVm(owned, network, vm, session, staged, io, timings, signal, guestDeadline);
+      return new LiveVm(owned, network, vm, session, staged, io, timings, signal, guestDeadline, deps.hostDeadlineGraceMs);
     } catch (error) {
       guestDeadline.disarm();
       await owned.release();
@@ -188,7 +191,10 @@ export class LiveVm {
     if (this.busy) throw new MvmError(`a command is already running in ${this.name}`);
     this.busy = true;
     try {
-      const status = await runCommand(this.session, this.vm, request, io, signal ? AbortSignal.any([this.guestDeadline.signal, signal]) : this.guestDeadline.signal);
+      const guestSignal = signal ? AbortSignal.any([this.guestDeadline.signal, signal]) : this.guestDeadline.signal;
+      // The proxy's variables are under the command's own: an -e HTTP_PROXY wins.
+      const withNetworkEnv = { ...request, env: { ...this.network?.env, ...request.env } };
+      const status = await runCommand(this.session, this.vm, withNetworkEnv, io, guestSignal, this.hostDeadlineGraceMs);
       this.timings.mark('command finished');
       return status;
     } catch (error) {

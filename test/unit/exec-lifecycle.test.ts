@@ -130,6 +130,27 @@ describe('exec lifecycle (scripted guest)', () => {
       (error: unknown) => error instanceof MvmError && error.exitCode === 125 && error.message === 'the VM stopped before the command finished (guest crash?)',
     );
     assert.equal(readFileSync(join(host, 'a.txt'), 'utf8'), 'host\n');
+    assert.deepEqual(out.lines, [`--add-dir ${host}:/w:rw: guest changes discarded, ${host} left as it was`]);
+  });
+
+  test('a guest that ignores --timeout (no EXIT ever) is killed by the host at --timeout + grace: exit 124, no sync, changes discarded', async () => {
+    const host = hostDir();
+    const backend = new ScriptedBackend((message, guest) => {
+      if (message.type !== 'exec') return politeAgent(message, guest);
+      // The agent should report TIMED_OUT itself after 1 s; this one goes on as if there were no deadline.
+      guest.send({ type: 'started', pid: 2 }, { type: 'stdout', data: Buffer.from('hello\n') });
+    });
+    const out = io();
+    // The whole-run deadline (boot timeout + --timeout + margin: 41 s here) is far later; a run ended by
+    // it rejects instead, with another message.
+    const result = await execInMicroVm({ ...request([`${host}:/w:rw`]), timeoutSeconds: 1 }, out, { ...deps(backend), guestMarginMs: 30_000, hostDeadlineGraceMs: 200 }, new AbortController().signal);
+    assert.equal(result.exitCode, 124);
+    assert.equal(result.status.kind, 'timedOut');
+    assert.equal(out.out(), 'hello\n', 'output from before the deadline is kept');
+    assert.ok(!backend.guests[0]!.received.some((m) => m.type === 'unmount'), 'not unmounted for a sync');
+    assert.deepEqual(out.lines, ['command timed out after 1 s', `--add-dir ${host}:/w:rw: guest changes discarded, ${host} left as it was`]);
+    assert.equal(readFileSync(join(host, 'a.txt'), 'utf8'), 'host\n');
+    assert.ok(await backend.allExited(), 'the VMM was killed');
   });
 
   test('a snapshot whose restore fails: one warning, then a cold boot runs the command', async () => {
