@@ -75,6 +75,7 @@ export async function captureSnapshot(subject: SnapshotSubject, options: Capture
         signal,
         timeoutMs: options.bootTimeoutMs,
         guest: `the guest of ${subject.label}`,
+        timeoutHint: 'raise MVM_BOOT_TIMEOUT if the host is very slow',
         log: options.log,
       },
     ).catch((error: unknown) => {

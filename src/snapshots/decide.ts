@@ -28,6 +28,15 @@ export interface SnapshotDecision {
 
 const accelName = (accel: string) => (accel === 'kvm' ? 'KVM' : 'TCG');
 
+function requestRulesOut(subject: SnapshotSubject, request: SnapshotRequest): string | undefined {
+  if (request.noSnapshot) return 'snapshot not used: --no-snapshot';
+  if (request.nic) return 'snapshot not used: it was taken without a NIC, and this run asks for one (--net user, --allow-host or -p)';
+  if (request.cpus !== subject.cpus || request.memoryMiB !== subject.memoryMiB) {
+    return `snapshot not used: it was taken with ${subject.cpus} CPUs and ${subject.memoryMiB} MiB, this run asks for ${request.cpus} and ${request.memoryMiB} MiB`;
+  }
+  return undefined;
+}
+
 /**
  * Whether this run may restore the subject's snapshot, and from what. Every restore checks that what
  * the snapshot was taken from is unchanged (hashes recorded for kernel, initramfs, root image; size and
@@ -38,6 +47,9 @@ export async function decideSnapshot(subject: SnapshotSubject, backend: Backend,
   const warn = (why: string): SnapshotDecision => ({
     warning: `${subject.label}: not using its snapshot (${why}); booting cold. Retake it with '${subject.retake}'`,
   });
+  // What the request rules out needs no snapshot to tell: nor is one taken for such a run.
+  const ruledOut = requestRulesOut(subject, request);
+  if (ruledOut) return { note: ruledOut };
   let found: Awaited<ReturnType<typeof readSnapshotMeta>>;
   try {
     found = await readSnapshotMeta(subject.dir);
@@ -46,11 +58,9 @@ export async function decideSnapshot(subject: SnapshotSubject, backend: Backend,
   }
   if (!found) return { note: `${subject.label} has no snapshot: booting cold`, missing: true };
   const { dir, meta } = found;
-  if (request.noSnapshot) return { note: 'snapshot not used: --no-snapshot' };
   if (request.addDirs > meta.driveSlots.files.length) {
     return { note: `snapshot not used: it has ${meta.driveSlots.files.length} drive slots for --add-dir, this run needs ${request.addDirs}` };
   }
-  if (request.nic) return { note: 'snapshot not used: it was taken without a NIC, and this run asks for one (--net user, --allow-host or -p)' };
   if (request.cpus !== meta.cpus || request.memoryMiB !== meta.memoryMiB) {
     return { note: `snapshot not used: it was taken with ${meta.cpus} CPUs and ${meta.memoryMiB} MiB, this run asks for ${request.cpus} and ${request.memoryMiB} MiB` };
   }

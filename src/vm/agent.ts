@@ -58,7 +58,7 @@ export async function openAgentSession(vm: RunningVm, options: OpenAgentOptions)
     if (error instanceof GuestFailedError) throw error;
     if (attempt.signal.reason instanceof AgentSilent) {
       const hint = options.timeoutHint ? ` (${options.timeoutHint})` : '';
-      throw new MvmError(`${guest}'s agent did not answer within ${Number((timeoutMs / 1000).toFixed(1))} s${hint}`, 125, vm.consoleTail(20));
+      throw new MvmError(`${guest}'s agent did not answer within ${secondsText(timeoutMs)} s${hint}`, 125, vm.consoleTail(20));
     }
     // A VMM that fails at start-up (bad kernel, bad flags) can still accept the agent connection
     // first; what the user needs is why it died, not the broken connection that followed.
@@ -69,4 +69,10 @@ export async function openAgentSession(vm: RunningVm, options: OpenAgentOptions)
     clearTimeout(timer);
     signal.removeEventListener('abort', onAbort);
   }
+}
+
+/** Seconds as a user wrote them: 60, 1.5, 0.001 (not rounded down to 0). */
+function secondsText(ms: number): string {
+  const seconds = ms / 1000;
+  return String(seconds >= 1 ? Number(seconds.toFixed(1)) : Number(seconds.toPrecision(2)));
 }
