@@ -43,7 +43,7 @@ export function execCommand(): Command {
     .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES))
     .addOption(accelOption())
     .option('-v, --verbose', 'show the guest console and timings on stderr')
-    .option('--add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back after a clean exit (repeatable)', collect, [])
+    .option('-d, --add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back after a clean exit (repeatable; HOST ends at the first colon)', collect, [])
     .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
     .option('--manifest <name>', 'boot this template (mvmctl template build) instead of the default image; restores its snapshot when it has one')
     .option('--no-snapshot', 'boot cold even when the image or template has a snapshot')

@@ -5,7 +5,7 @@
  */
 import { accelChoice, ACCEL_CHOICES, type AccelChoice } from '../accel/index.js';
 import { BACKEND_CHOICES, backendChoice, selectBackend, type Backend, type BackendChoice } from '../backends/index.js';
-import { parseAddDirSpec, validateAddDirs } from '../dirsync/index.js';
+import { resolveAddDir, splitAddDirSpec, validateAddDirs, type AddDirParts } from '../dirsync/index.js';
 import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, defaultBootImage, type DefaultImageOptions } from '../exec/default-image.js';
 import type { ExecDeps, ExecRequest } from '../exec/run.js';
 import { ENV_KEY_RULE, isValidEnvKey, mergeEnv } from '../launchplan/env.js';
@@ -85,13 +85,13 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
   if (options.cwd !== undefined) checkGuestString('cwd', options.cwd, { absolute: true });
   checkChoice('accel', options.accel, ACCEL_CHOICES);
   const backendName = backendChoice(checkChoice('backend', options.backend, BACKEND_CHOICES));
-  const addDirSpecs = (options.addDirs ?? []).map(addDirSpec);
+  const addDirParts = (options.addDirs ?? []).map(addDirPartsOf);
   checkStrings('allowHosts', options.allowHosts);
   checkStrings('publish', options.publish);
 
   // Loaded on use: the schema library costs a noticeable part of every exec's start-up.
   const plan: LaunchPlan | undefined = options.launchPlan === undefined ? undefined : await (await import('../launchplan/index.js')).loadLaunchPlan(options.launchPlan);
-  const addDirs = addDirSpecs.map((spec) => parseAddDirSpec(spec, process.cwd()));
+  const addDirs = addDirParts.map((parts) => resolveAddDir(parts, process.cwd()));
   validateAddDirs(addDirs);
   const backend = provider.backend(backendName);
   // A template brings its own default size; sizes given in the options win.
@@ -164,14 +164,12 @@ function checkChoice<T extends string>(option: string, value: T | undefined, cho
   throw new InvalidOptionError(option, `'${String(value)}' is not one of ${choices.join(', ')}`);
 }
 
-/** An AddDir as the `HOST:GUEST[:ro|rw]` spec parseAddDirSpec takes (and its messages quote). */
-function addDirSpec(dir: AddDir): string {
-  if (typeof dir === 'string') return dir;
+/** An AddDir taken apart; the object form is quoted in messages as the spec it reads as. */
+function addDirPartsOf(dir: AddDir): AddDirParts {
+  if (typeof dir === 'string') return splitAddDirSpec(dir);
   if (typeof dir !== 'object' || dir === null) throw new InvalidOptionError('addDirs', "expected 'HOST:GUEST[:ro|rw]' strings or { host, guest, mode } objects");
   const { host, guest, mode = 'ro' } = dir;
   if (typeof host !== 'string' || typeof guest !== 'string') throw new InvalidOptionError('addDirs', 'host and guest must be strings');
   if (mode !== 'ro' && mode !== 'rw') throw new InvalidOptionError('addDirs', `mode must be ro or rw, got '${String(mode)}'`);
-  // The spec's GUEST is its last field but for the mode; a colon in it would shift the fields.
-  if (guest.includes(':')) throw new InvalidOptionError('addDirs', `guest path '${guest}' may not contain ':'`);
-  return `${host}:${guest}:${mode}`;
+  return { spec: `${host}:${guest}:${mode}`, host, guest, readOnly: mode === 'ro' };
 }
