@@ -22,6 +22,7 @@ interface ExecFlags {
   verbose?: boolean;
   launchPlan?: string;
   addDir: string[];
+  template?: string;
   manifest?: string;
   /** false with --no-snapshot. */
   snapshot: boolean;
@@ -45,7 +46,8 @@ export function execCommand(): Command {
     .option('-v, --verbose', 'show the guest console and timings on stderr')
     .option('-d, --add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back after a clean exit (repeatable; HOST ends at the first colon)', collect, [])
     .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
-    .option('--manifest <name>', 'boot this template (mvmctl template build) instead of the default image; restores its snapshot when it has one')
+    .addOption(new Option('--template <NAME|DIR>', 'boot this template (mvmctl template build), by name or directory, instead of the default image; restores its snapshot when it has one').conflicts('manifest'))
+    .option('-m, --manifest <NAME|DIR>', 'the same as --template (upstream mvmctl spelling)')
     .option('--no-snapshot', 'boot cold even when the image or template has a snapshot')
     .addOption(new Option('--net <mode>', "the guest's network: none (no NIC) or user (outbound through the host; default: none, or the template's)").choices(NET_MODES))
     .option('--allow-host <NAME[:PORT]>', 'let the guest reach only this host, over HTTP(S) through a proxy on the host (repeatable; no port: 80 and 443)', collect, [])
@@ -66,7 +68,7 @@ export function execCommand(): Command {
           timeout: flags.timeout,
           addDirs: flags.addDir,
           launchPlan: flags.launchPlan,
-          template: flags.manifest,
+          template: flags.template ?? flags.manifest,
           noSnapshot: !flags.snapshot,
           net: flags.net,
           allowHosts: flags.allowHost,

@@ -1,7 +1,7 @@
 import { realpathSync, statSync } from 'node:fs';
-import { homedir } from 'node:os';
 import { isAbsolute, posix, resolve } from 'node:path';
 import { MvmError } from '../errors.js';
+import { expandHome } from '../paths.js';
 
 export interface AddDirSpec {
   /** The flag value as the user typed it, for messages. */
@@ -67,10 +67,9 @@ export function parseAddDirSpec(spec: string, cwd: string): AddDirSpec {
 }
 
 function resolveHost(spec: string, hostRaw: string, cwd: string): string {
-  let path = hostRaw;
-  if (path === '~' || path.startsWith('~/')) path = homedir() + path.slice(1);
-  else if (path.startsWith('~')) fail(spec, `'~user' paths are not supported; write the full path instead of '${hostRaw}'`);
-  path = isAbsolute(path) ? path : resolve(cwd, path);
+  if (/^~[^/]/.test(hostRaw)) fail(spec, `'~user' paths are not supported; write the full path instead of '${hostRaw}'`);
+  const home = expandHome(hostRaw);
+  const path = isAbsolute(home) ? home : resolve(cwd, home);
   let real: string;
   try {
     real = realpathSync(path);

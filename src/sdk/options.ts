@@ -11,7 +11,7 @@ import type { ExecDeps, ExecRequest } from '../exec/run.js';
 import { ENV_KEY_RULE, isValidEnvKey, mergeEnv } from '../launchplan/env.js';
 import type { LaunchPlan } from '../launchplan/index.js';
 import { planNetwork, type NetMode } from '../net/spec.js';
-import { requireTemplate, templateBootImage } from '../templates/index.js';
+import { openTemplate, templateBootImage } from '../templates/index.js';
 import { bootTimeoutFromEnv, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
 
 /** A host directory in the guest: `'HOST:GUEST[:ro|rw]'` as `--add-dir` takes it, or its parts. ro is the default. */
@@ -42,7 +42,10 @@ export interface ExecOptions {
   allowHosts?: readonly string[];
   /** `[ADDRESS:]HOSTPORT:GUESTPORT`: host TCP ports forwarded to the guest (ADDRESS 127.0.0.1 unless given). */
   publish?: readonly string[];
-  /** Boot this template (`mvmctl template build NAME`) instead of the default image. */
+  /**
+   * Boot this template (`mvmctl template build NAME`) instead of the default image: its name, or the
+   * path of its directory (holding a `/` or starting with `.`; a NAME symlink or a version directory).
+   */
   template?: string;
   /** Boot cold even when the image or template has a snapshot. */
   noSnapshot?: boolean;
@@ -95,7 +98,7 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
   validateAddDirs(addDirs);
   const backend = provider.backend(backendName);
   // A template brings its own default size; sizes given in the options win.
-  const template = options.template === undefined ? undefined : await requireTemplate(options.template);
+  const template = options.template === undefined ? undefined : await openTemplate(options.template);
   const size = {
     cpus: cpus ?? template?.meta.cpus ?? DEFAULT_CPUS,
     memoryMiB: memoryMiB ?? template?.meta.memoryMiB ?? DEFAULT_MEMORY_MIB,
