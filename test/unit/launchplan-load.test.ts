@@ -198,8 +198,15 @@ describe('loadLaunchPlan: refusals', () => {
     await assertPlanRefused(artifact({ command: ['x'] }, { workload_id: '' }), 'workload_id: must be a non-empty string');
     await assertPlanRefused({ apps: [] }, 'apps: must list at least one app');
     await assertPlanRefused({ apps: {} }, 'apps: must be an array of apps');
-    await assertPlanRefused({ apps: ['x'] }, 'apps[0]: must be an object with "name" and "entrypoint"');
-    await assertPlanRefused({ apps: [{ entrypoint: { command: ['x'] } }] }, 'apps[0].name: must be a non-empty string');
+    await assertPlanRefused({ apps: ['x'] }, 'apps[0]: must be an object with an "entrypoint"');
+    await assertPlanRefused({ apps: [{ name: '', entrypoint: { command: ['x'] } }] }, 'apps[0].name: must be a non-empty string');
+    await assertPlanRefused({ apps: [{ name: 5, entrypoint: { command: ['x'] } }] }, 'apps[0].name: must be a non-empty string');
+  });
+
+  it('takes a single app without a name, as upstream mvmctl writes them, calling it "app"', async () => {
+    const plan = await loadLaunchPlan(await planFile({ apps: [{ entrypoint: { command: ['x'] } }] }));
+    assert.equal(plan.workloadId, 'app');
+    assert.deepEqual(plan.argv, ['x']);
   });
 
   it('reports the first problem and counts the rest', async () => {
@@ -221,6 +228,11 @@ describe('loadLaunchPlan: refusals', () => {
       `launch plan ${path} has 2 apps (a, b): exec runs one workload; orchestrating several belongs to a ` +
         `long-running host such as mvmd (to run one, \`mvmctl compile ${path} --out DIR\` and pass DIR/<app>/launch.json)`,
     );
+  });
+
+  it('names an unnamed app of several by its place', async () => {
+    const path = await planFile({ apps: [{ name: 'a', entrypoint: { command: ['x'] } }, { entrypoint: { command: ['y'] } }] });
+    await assertRefused(loadLaunchPlan(path), /^launch plan .+ has 2 apps \(a, apps\[1\]\): exec runs one workload/);
   });
 
   it('refuses unreadable files with one clear line each', async () => {
