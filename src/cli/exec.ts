@@ -8,7 +8,7 @@ import type { AccelChoice } from '../accel/index.js';
 import { NET_MODES, type NetMode } from '../net/spec.js';
 import { exec } from '../sdk/exec.js';
 import { CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js';
-import { accelOption, collect, logLine, parseIntegerIn, parseMemory } from './parse.js';
+import { accelOption, collect, logLine, parseGuestDir, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
 
 interface ExecFlags {
@@ -16,6 +16,8 @@ interface ExecFlags {
   memory: number;
   timeout: number;
   env: string[];
+  envFile: string[];
+  workdir?: string;
   interactive?: boolean;
   backend?: BackendChoice;
   accel?: AccelChoice;
@@ -39,7 +41,9 @@ export function execCommand(): Command {
     .option('--cpus <n>', 'virtual CPUs', parseIntegerIn(CPUS_RANGE.min, CPUS_RANGE.max), DEFAULT_CPUS)
     .addOption(new Option('--memory <size>', 'guest memory: K/M/G suffix, bare number = MiB').argParser(parseMemory).default(DEFAULT_MEMORY_MIB, `${DEFAULT_MEMORY_MIB}M`))
     .option('--timeout <seconds>', 'kill the command (exit 124) after this many seconds', parseIntegerIn(TIMEOUT_SECONDS_RANGE.min, TIMEOUT_SECONDS_RANGE.max), DEFAULT_TIMEOUT_SECONDS)
-    .option('-e, --env <KEY=VALUE>', 'set an environment variable in the guest (repeatable)', collect, [])
+    .option('-e, --env <KEY[=VALUE]>', 'set an environment variable in the guest; KEY alone: its value here, if set (repeatable)', collect, [])
+    .option('--env-file <FILE>', 'KEY=VALUE lines (docker run format) for the guest environment; -e wins (repeatable)', collect, [])
+    .option('-w, --workdir <DIR>', 'run the command in this absolute guest directory, created if missing', parseGuestDir)
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
     .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES))
     .addOption(accelOption())
@@ -54,7 +58,7 @@ export function execCommand(): Command {
     .option('-p, --publish <[ADDRESS:]HOSTPORT:GUESTPORT>', 'forward a host TCP port (on 127.0.0.1 unless ADDRESS is given) to the guest (repeatable)', collect, [])
     .passThroughOptions()
     .action(async (argv: string[], flags: ExecFlags, command: Command) => {
-      const env = Object.fromEntries(flags.env.map(parseEnvAssignment));
+      const env = Object.fromEntries(flags.env.map((assignment) => parseEnvAssignment(assignment)).filter((entry) => entry !== undefined));
       // Usage errors in the flags' own terms; exec() would name its options instead.
       if (flags.launchPlan !== undefined && argv.length > 0) throw new MvmError('--launch-plan supplies the command: give either it or a command after --, not both');
       if (flags.launchPlan === undefined && argv.length === 0) throw new MvmError('no command given: usage is mvmctl exec [options] -- CMD [ARGS...] (or --launch-plan PATH)');
@@ -63,6 +67,8 @@ export function execCommand(): Command {
       process.exitCode = await runInterruptibly(async (signal) => {
         const handle = exec(argv, {
           env,
+          envFiles: flags.envFile,
+          ...(flags.workdir === undefined ? {} : { cwd: flags.workdir, createCwd: true }),
           cpus: given('cpus') ? flags.cpus : undefined,
           memory: given('memory') ? flags.memory : undefined,
           timeout: flags.timeout,

@@ -1,6 +1,6 @@
 /**
  * exec()'s options, checked and resolved into the lifecycle's request and dependencies
- * (src/exec/run.ts): sizes and limits, the environment, --add-dir specs, a launch plan, a template.
+ * (src/exec/run.ts): sizes and limits, the environment and env files, --add-dir specs, a launch plan, a template.
  * Every problem is an MvmError found before any VM starts.
  */
 import { accelChoice, ACCEL_CHOICES, type AccelChoice } from '../accel/index.js';
@@ -8,11 +8,11 @@ import { BACKEND_CHOICES, backendChoice, selectBackend, type Backend, type Backe
 import { resolveAddDir, splitAddDirSpec, validateAddDirs, type AddDirParts } from '../dirsync/index.js';
 import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, defaultBootImage, type DefaultImageOptions } from '../exec/default-image.js';
 import type { ExecDeps, ExecRequest } from '../exec/run.js';
-import { ENV_KEY_RULE, isValidEnvKey, mergeEnv } from '../launchplan/env.js';
+import { ENV_KEY_RULE, isValidEnvKey, mergeEnv, readEnvFiles } from '../launchplan/env.js';
 import type { LaunchPlan } from '../launchplan/index.js';
 import { planNetwork, type NetMode } from '../net/spec.js';
 import { openTemplate, templateBootImage } from '../templates/index.js';
-import { bootTimeoutFromEnv, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
+import { bootTimeoutFromEnv, checkGuestString, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
 
 /** A host directory in the guest: `'HOST:GUEST[:ro|rw]'` as `--add-dir` takes it, or its parts. ro is the default. */
 export type AddDir = string | { host: string; guest: string; mode?: 'ro' | 'rw' };
@@ -20,8 +20,15 @@ export type AddDir = string | { host: string; guest: string; mode?: 'ro' | 'rw' 
 export interface ExecOptions {
   /** Environment variables of the command, on top of the guest's PATH and HOME; nothing from the host's leaks in. */
   env?: Readonly<Record<string, string>>;
-  /** Absolute working directory in the guest (default `/`; a launch plan's `working_dir`, created if missing). */
+  /**
+   * Files of variables in docker's `--env-file` format (`KEY=VALUE` lines, taken literally; a line
+   * `KEY` alone takes this process's value, if set). Later files win; `env` wins over them all.
+   */
+  envFiles?: readonly string[];
+  /** Absolute working directory in the guest (default `/`; a launch plan's `working_dir`). */
   cwd?: string;
+  /** Create the working directory (and its parents) when missing, as docker run's `-w` does; default: only for a launch plan's `working_dir`. */
+  createCwd?: boolean;
   /** Virtual CPUs, 1–64 (default 2, or the template's). */
   cpus?: number;
   /** Guest memory: `'1G'`, `'768M'`, or a number of MiB (default 512, or the template's). */
@@ -89,11 +96,13 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
   checkChoice('accel', options.accel, ACCEL_CHOICES);
   const backendName = backendChoice(checkChoice('backend', options.backend, BACKEND_CHOICES));
   const addDirParts = (options.addDirs ?? []).map(addDirPartsOf);
+  checkStrings('envFiles', options.envFiles);
   checkStrings('allowHosts', options.allowHosts);
   checkStrings('publish', options.publish);
 
   // Loaded on use: the schema library costs a noticeable part of every exec's start-up.
   const plan: LaunchPlan | undefined = options.launchPlan === undefined ? undefined : await (await import('../launchplan/index.js')).loadLaunchPlan(options.launchPlan);
+  const fileEnv = await readEnvFiles(options.envFiles ?? [], process.env);
   const addDirs = addDirParts.map((parts) => resolveAddDir(parts, process.cwd()));
   validateAddDirs(addDirs);
   const backend = provider.backend(backendName);
@@ -115,11 +124,11 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
   return {
     request: {
       argv: plan?.argv ?? [...argv],
-      // Lowest to highest precedence: the plan's env (app/top-level < entrypoint), then the options'.
-      env: mergeEnv(plan?.env ?? {}, env),
-      // A plan's working_dir is created when missing, as a container's WORKDIR would be; a cwd given here is not.
+      // Lowest to highest precedence: the plan's env (app/top-level < entrypoint), the env files, then the options'.
+      env: mergeEnv(plan?.env ?? {}, fileEnv, env),
+      // A plan's working_dir is created when missing, as a container's WORKDIR would be; a cwd given here only when asked.
       cwd: options.cwd ?? plan?.cwd,
-      createCwd: options.cwd === undefined && plan !== undefined,
+      createCwd: options.createCwd ?? (options.cwd === undefined && plan !== undefined),
       ...size,
       timeoutSeconds,
       interactive: options.stdin ?? false,
@@ -147,13 +156,6 @@ function checkCommand(argv: readonly string[], launchPlan: string | undefined): 
   }
   if (argv.length === 0) throw new InvalidOptionError('argv', "no command given: pass the command and its arguments, e.g. ['uname', '-a'] (or the launchPlan option)");
   argv.forEach((arg, index) => checkGuestString(`argv[${index}]`, arg));
-}
-
-/** Strings travel to the guest agent as C strings: a NUL would be refused only once the VM is up. */
-function checkGuestString(option: string, value: unknown, { absolute = false } = {}): void {
-  if (typeof value !== 'string') throw new InvalidOptionError(option, `expected a string, got ${value === null ? 'null' : typeof value}`);
-  if (value.includes('\0')) throw new InvalidOptionError(option, 'contains a NUL byte, which cannot reach the guest');
-  if (absolute && !value.startsWith('/')) throw new InvalidOptionError(option, `'${value}' is not an absolute guest path`);
 }
 
 function checkStrings(option: string, values: unknown): void {
