@@ -23,3 +23,8 @@ export function dataDir(): string {
 export function stateDir(): string {
   return env('MVM_STATE_DIR') ?? join(env('XDG_RUNTIME_DIR') ?? join(homedir(), '.local', 'state'), 'mvm');
 }
+
+/** `~` or a leading `~/` as the user's home directory, as a shell would expand it; other paths unchanged. */
+export function expandHome(path: string): string {
+  return path === '~' || path.startsWith('~/') ? homedir() + path.slice(1) : path;
+}

@@ -1,6 +1,6 @@
 import { InvalidArgumentError, Option } from 'commander';
 import { ACCEL_CHOICES } from '../accel/index.js';
-import { integerIn, InvalidOptionError, parseMemory as memoryMiB } from '../sdk/parse.js';
+import { checkGuestString, integerIn, InvalidOptionError, parseMemory as memoryMiB } from '../sdk/parse.js';
 
 export { bootTimeoutFromEnv } from '../sdk/parse.js';
 
@@ -22,6 +22,12 @@ export const parseMemory = asFlagParser((value) => memoryMiB(value, 'size'));
 export function parseIntegerIn(min: number, max: number): (value: string) => number {
   return asFlagParser((value) => integerIn(value, { min, max }, 'value'));
 }
+
+/** `-w/--workdir`: an absolute guest path. */
+export const parseGuestDir = asFlagParser((value) => {
+  checkGuestString('value', value, { absolute: true });
+  return value;
+});
 
 export function collect(value: string, previous: string[]): string[] {
   return [...previous, value];

@@ -69,9 +69,9 @@ async function summary(template: Template) {
   };
 }
 
-/** `mvmctl template build|ls|info|rm|snapshot`: registered images for `exec --manifest NAME`. */
+/** `mvmctl template build|ls|info|rm|snapshot`: registered images for `exec --template NAME`. */
 export function templateCommand(): Command {
-  const template = new Command('template').description('build and manage templates: guest images for `mvmctl exec --manifest NAME`, with optional snapshots');
+  const template = new Command('template').description('build and manage templates: guest images for `mvmctl exec --template NAME`, with optional snapshots');
 
   template
     .command('build')
@@ -190,7 +190,7 @@ export function templateCommand(): Command {
 
   template
     .command('snapshot')
-    .description('boot the template once, wait for its agent, and capture a snapshot that exec --manifest restores from')
+    .description('boot the template once, wait for its agent, and capture a snapshot that exec --template restores from')
     .argument('<name>')
     .option('--rm', 'remove the template’s snapshot instead')
     .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES))

@@ -4,7 +4,7 @@ import { Command, Option } from 'commander';
 import type { AccelChoice } from '../accel/index.js';
 import { BACKEND_CHOICES, type BackendChoice } from '../backends/index.js';
 import { MvmError } from '../errors.js';
-import { parseEnvAssignment } from '../launchplan/env.js';
+import { envFromAssignments } from '../launchplan/env.js';
 import { NET_MODES, type NetMode } from '../net/spec.js';
 import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js';
 import { consoleRun, startSupervised } from '../supervisor/client.js';
@@ -84,7 +84,7 @@ export function consoleCommand(): Command {
         name,
         {
           argv: flags.command !== undefined ? ['/bin/sh', '-c', flags.command] : argv,
-          env: Object.fromEntries(flags.env.map(parseEnvAssignment)),
+          env: envFromAssignments(flags.env),
           timeout: flags.timeout,
           interactive: flags.interactive ?? false,
         },

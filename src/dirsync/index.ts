@@ -1,4 +1,4 @@
-export { parseAddDirSpec, validateAddDirs, type AddDirSpec } from './spec.js';
+export { parseAddDirSpec, resolveAddDir, splitAddDirSpec, validateAddDirs, type AddDirParts, type AddDirSpec } from './spec.js';
 export { discardStaged, stageAddDir, type StagedDir, type StageOptions } from './stage.js';
 export { syncBack, type SyncReport, type SyncOptions } from './syncback.js';
 export { recoverInterruptedSyncs } from './apply.js';

@@ -1,7 +1,7 @@
 import { realpathSync, statSync } from 'node:fs';
-import { homedir } from 'node:os';
 import { isAbsolute, posix, resolve } from 'node:path';
 import { MvmError } from '../errors.js';
+import { expandHome } from '../paths.js';
 
 export interface AddDirSpec {
   /** The flag value as the user typed it, for messages. */
@@ -24,35 +24,52 @@ function fail(spec: string, problem: string): never {
   throw new MvmError(`--add-dir '${showSpec(spec)}': ${problem}`);
 }
 
-/**
- * Parses `HOST:GUEST[:ro|rw]`. The mode is taken from the right and GUEST is the last remaining
- * field, so a HOST path may itself contain colons; a GUEST path may not.
- */
-export function parseAddDirSpec(spec: string, cwd: string): AddDirSpec {
-  const fields = spec.split(':');
-  let readOnly = true;
-  const last = fields.at(-1);
-  if (fields.length >= 3 && (last === 'ro' || last === 'rw')) {
-    readOnly = last === 'ro';
-    fields.pop();
-  }
-  if (fields.length < 2) fail(spec, 'expected HOST:GUEST[:ro|rw], e.g. ./src:/work:rw');
-  const guestRaw = fields.pop()!;
-  const hostRaw = fields.join(':');
-  if (fields.length >= 2 && (guestRaw === 'ro' || guestRaw === 'rw' || !guestRaw.startsWith('/'))) {
-    fail(spec, `mode must be ro or rw, got '${last}'`);
-  }
-  if (hostRaw === '') fail(spec, 'HOST is empty; write HOST:GUEST, e.g. .:/work');
-  if (guestRaw === '') fail(spec, 'GUEST is empty; write HOST:GUEST with an absolute GUEST path, e.g. .:/work');
+/** A `HOST:GUEST[:ro|rw]` spec taken apart, before anything on disk is looked at. */
+export interface AddDirParts {
+  /** The spec as the user typed it (or as the SDK's `{ host, guest, mode }` reads), for messages. */
+  spec: string;
+  host: string;
+  guest: string;
+  readOnly: boolean;
+}
 
-  return { spec, hostPath: resolveHost(spec, hostRaw, cwd), guestPath: checkGuest(spec, guestRaw), readOnly };
+/**
+ * Splits `HOST:GUEST[:ro|rw]` as upstream mvmctl does: HOST ends at the first `:`, and the mode is
+ * read only from a final `:ro` or `:rw`, so a GUEST path may itself contain colons (`/data:v1`).
+ * A HOST path with a colon needs the SDK's `{ host, guest }` form.
+ */
+export function splitAddDirSpec(spec: string): AddDirParts {
+  const colon = spec.indexOf(':');
+  if (colon < 0) fail(spec, 'expected HOST:GUEST[:ro|rw], e.g. ./src:/work:rw');
+  const host = spec.slice(0, colon);
+  let guest = spec.slice(colon + 1);
+  let readOnly = true;
+  const mode = /:([^:/]*)$/.exec(guest);
+  if (mode && (mode[1] === 'ro' || mode[1] === 'rw')) {
+    readOnly = mode[1] === 'ro';
+    guest = guest.slice(0, mode.index);
+  } else if (mode && (mode[1] === '' || /^r[ow]$/i.test(mode[1]!))) {
+    // A trailing ':' or ':RO' is a mistyped mode, not a mount point anyone means.
+    fail(spec, `mode must be ro or rw, got '${mode[1]}'`);
+  }
+  return { spec, host, guest, readOnly };
+}
+
+/** Resolves HOST (relative to `cwd`, `~/` from the home directory) and checks GUEST. */
+export function resolveAddDir({ spec, host, guest, readOnly }: AddDirParts, cwd: string): AddDirSpec {
+  if (host === '') fail(spec, 'HOST is empty; write HOST:GUEST, e.g. .:/work');
+  if (guest === '') fail(spec, 'GUEST is empty; write HOST:GUEST with an absolute GUEST path, e.g. .:/work');
+  return { spec, hostPath: resolveHost(spec, host, cwd), guestPath: checkGuest(spec, guest), readOnly };
+}
+
+export function parseAddDirSpec(spec: string, cwd: string): AddDirSpec {
+  return resolveAddDir(splitAddDirSpec(spec), cwd);
 }
 
 function resolveHost(spec: string, hostRaw: string, cwd: string): string {
-  let path = hostRaw;
-  if (path === '~' || path.startsWith('~/')) path = homedir() + path.slice(1);
-  else if (path.startsWith('~')) fail(spec, `'~user' paths are not supported; write the full path instead of '${hostRaw}'`);
-  path = isAbsolute(path) ? path : resolve(cwd, path);
+  if (/^~[^/]/.test(hostRaw)) fail(spec, `'~user' paths are not supported; write the full path instead of '${hostRaw}'`);
+  const home = expandHome(hostRaw);
+  const path = isAbsolute(home) ? home : resolve(cwd, home);
   let real: string;
   try {
     real = realpathSync(path);

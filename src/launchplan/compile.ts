@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { MvmError } from '../errors.js';
 import { writeFileAtomic } from '../fs-atomic.js';
 import { formatJsonPath, readPlanFile } from './read.js';
-import type { App, Artifact } from './schema.js';
+import { UNNAMED_APP, type App, type Artifact } from './schema.js';
 
 /** The artifact format version compile writes; `loadLaunchPlan` accepts any 1.x. */
 const ARTIFACT_FORMAT_VERSION = '1.0';
@@ -20,7 +20,8 @@ export interface CompileResult {
 }
 
 /**
- * Writes `outDir/launch.json` for a single-app manifest, `outDir/<app>/launch.json` per app otherwise.
+ * Writes `outDir/launch.json` for a single-app manifest (workload_id `app` when the app has no name),
+ * `outDir/<app>/launch.json` per app otherwise.
  * Everything is validated before anything is written, and each file is replaced atomically, so a re-run
  * over the same output gives the same bytes and a reader never sees a half-written file. Files from an
  * earlier run that the manifest no longer produces are left alone.
@@ -35,12 +36,12 @@ export async function compileManifest(manifestPath: string, outDir: string): Pro
     );
   }
   const { apps } = file.manifest;
-  if (apps.length > 1) checkDirectoryNames(apps, label);
+  const dirs = apps.length > 1 ? directoryNames(apps, label).map((name) => join(outDir, name)) : [outDir];
 
   await ensureDirectory(outDir);
   const files: string[] = [];
-  for (const app of apps) {
-    const dir = apps.length > 1 ? join(outDir, app.name) : outDir;
+  for (const [i, app] of apps.entries()) {
+    const dir = dirs[i]!;
     if (dir !== outDir) await ensureDirectory(dir);
     const target = join(dir, 'launch.json');
     await writeAtomically(target, `${JSON.stringify(toArtifact(app), null, 2)}\n`);
@@ -53,28 +54,31 @@ function toArtifact(app: App): Artifact {
   const { command, working_dir, env } = app.entrypoint;
   return {
     artifact_format_version: ARTIFACT_FORMAT_VERSION,
-    workload_id: app.name,
+    workload_id: app.name ?? UNNAMED_APP,
     // An absent working_dir stays absent rather than becoming "/", so the artifact says what the manifest said.
     entrypoint: { command, ...(working_dir === undefined ? {} : { working_dir }), env: env ?? {} },
     env: app.env ?? {},
   };
 }
 
-/** In a multi-app manifest each name becomes a directory under `--out`, so it must be one safe, unique path component. */
-function checkDirectoryNames(apps: App[], label: string): void {
+/** In a multi-app manifest each name becomes a directory under `--out`, so it must be given, and be one safe, unique path component. */
+function directoryNames(apps: App[], label: string): string[] {
   const seen = new Map<string, number>();
-  apps.forEach((app, i) => {
+  return apps.map((app, i) => {
     const at = `${label}: ${formatJsonPath(['apps', i, 'name'])}`;
-    if (app.name === '.' || app.name === '..' || /[/\\\0]/.test(app.name)) {
+    const { name } = app;
+    if (name === undefined) throw new MvmError(`${at}: required when the manifest has several apps (each app's name is its output directory)`);
+    if (name === '.' || name === '..' || /[/\\\0]/.test(name)) {
       throw new MvmError(
-        `${at}: ${JSON.stringify(app.name)} cannot name the app's output directory (no "/", "\\" or NUL; not "." or "..")`,
+        `${at}: ${JSON.stringify(name)} cannot name the app's output directory (no "/", "\\" or NUL; not "." or "..")`,
       );
     }
-    const earlier = seen.get(app.name);
+    const earlier = seen.get(name);
     if (earlier !== undefined) {
-      throw new MvmError(`${at}: ${JSON.stringify(app.name)} is also the name of apps[${earlier}]; app names must be unique`);
+      throw new MvmError(`${at}: ${JSON.stringify(name)} is also the name of apps[${earlier}]; app names must be unique`);
     }
-    seen.set(app.name, i);
+    seen.set(name, i);
+    return name;
   });
 }
 

@@ -1,12 +1,12 @@
 import { MvmError } from '../errors.js';
 import { mergeEnv } from './env.js';
-import { readPlanFile } from './read.js';
-import type { Entrypoint } from './schema.js';
+import { formatJsonPath, readPlanFile } from './read.js';
+import { UNNAMED_APP, type Entrypoint } from './schema.js';
 
 /** What `mvmctl exec --launch-plan` runs: the consumed part of either file shape. */
 export interface LaunchPlan {
   source: 'artifact' | 'workload-ir';
-  /** `workload_id` of an artifact, the app's `name` in a Workload IR manifest. */
+  /** `workload_id` of an artifact, the app's `name` in a Workload IR manifest (`app` when it has none). */
   workloadId: string;
   argv: string[];
   /**
@@ -33,14 +33,16 @@ export async function loadLaunchPlan(path: string): Promise<LaunchPlan> {
   }
   const { apps } = file.manifest;
   if (apps.length > 1) {
-    const names = apps.map((app) => (/^[\w.-]+$/.test(app.name) ? app.name : JSON.stringify(app.name))).join(', ');
+    const names = apps
+      .map((app, i) => (app.name === undefined ? formatJsonPath(['apps', i]) : /^[\w.-]+$/.test(app.name) ? app.name : JSON.stringify(app.name)))
+      .join(', ');
     throw new MvmError(
       `${label} has ${apps.length} apps (${names}): exec runs one workload; orchestrating several belongs to a ` +
         `long-running host such as mvmd (to run one, \`mvmctl compile ${path} --out DIR\` and pass DIR/<app>/launch.json)`,
     );
   }
   const [app] = apps;
-  return toPlan('workload-ir', app!.name, app!.entrypoint, app!.env, file.ignoredFields);
+  return toPlan('workload-ir', app!.name ?? UNNAMED_APP, app!.entrypoint, app!.env, file.ignoredFields);
 }
 
 function toPlan(

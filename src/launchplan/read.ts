@@ -2,9 +2,9 @@
  * Reading a launch-plan file into one of the two validated shapes, with every failure as a one-line
  * MvmError prefixed by `label` (e.g. `launch plan ./x.json`), so exec and compile report alike.
  */
-import { readFile } from 'node:fs/promises';
 import type * as z from 'zod';
 import { MvmError } from '../errors.js';
+import { readText } from './text.js';
 import { AppSchema, type Artifact, ArtifactSchema, EntrypointSchema, type WorkloadIr, WorkloadIrSchema } from './schema.js';
 
 const ACCEPTED_SHAPES =
@@ -34,18 +34,6 @@ export async function readPlanFile(path: string, label: string): Promise<ParsedP
   }
   const manifest = validate(WorkloadIrSchema, json, label);
   return { shape: 'workload-ir', manifest, ignoredFields: unknownIrFields(json as Record<string, unknown>) };
-}
-
-async function readText(path: string, label: string): Promise<string> {
-  try {
-    return await readFile(path, 'utf8');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENOTDIR') throw new MvmError(`${label}: no such file`);
-    if (code === 'EISDIR') throw new MvmError(`${label}: is a directory, not a JSON file`);
-    if (code === 'EACCES' || code === 'EPERM') throw new MvmError(`${label}: permission denied`);
-    throw new MvmError(`${label}: cannot read: ${(err as Error).message}`);
-  }
 }
 
 function parseJson(text: string, label: string): unknown {

@@ -65,13 +65,20 @@ export const ArtifactSchema = z.object({
   env: EnvMap.optional(),
 });
 
+/**
+ * What an app without a `name` is called (its launch plan's workload id, its compiled workload_id).
+ * Upstream mvmctl's single-app manifests leave the name out; the Workload IR has no workload id of
+ * its own to fall back on, so the name is the generic one.
+ */
+export const UNNAMED_APP = 'app';
+
 export const AppSchema = z.object(
   {
-    name: z.string({ error: 'must be a non-empty string' }).min(1, { error: 'must be a non-empty string' }),
+    name: z.string({ error: 'must be a non-empty string' }).min(1, { error: 'must be a non-empty string' }).optional(),
     entrypoint: EntrypointSchema,
     env: EnvMap.optional(),
   },
-  { error: 'must be an object with "name" and "entrypoint"' },
+  { error: 'must be an object with an "entrypoint"' },
 );
 
 export const WorkloadIrSchema = z.object({

@@ -1,21 +1,21 @@
 /**
  * exec()'s options, checked and resolved into the lifecycle's request and dependencies
- * (src/exec/run.ts): sizes and limits, the environment, --add-dir specs, a launch plan, a template.
+ * (src/exec/run.ts): sizes and limits, the environment and env files, --add-dir specs, a launch plan, a template.
  * Every problem is an MvmError found before any VM starts.
  */
 import { accelChoice, ACCEL_CHOICES, type AccelChoice } from '../accel/index.js';
 import { BACKEND_CHOICES, backendChoice, selectBackend, type Backend, type BackendChoice } from '../backends/index.js';
-import { parseAddDirSpec, validateAddDirs } from '../dirsync/index.js';
+import { resolveAddDir, splitAddDirSpec, validateAddDirs, type AddDirParts } from '../dirsync/index.js';
 import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB, defaultBootImage, type DefaultImageOptions } from '../exec/default-image.js';
 import type { CommandRequest } from '../exec/command.js';
 import type { VmRequest } from '../exec/microvm.js';
 import type { ExecDeps, ExecRequest } from '../exec/run.js';
-import { ENV_KEY_RULE, isValidEnvKey, mergeEnv } from '../launchplan/env.js';
+import { ENV_KEY_RULE, isValidEnvKey, mergeEnv, readEnvFiles } from '../launchplan/env.js';
 import type { LaunchPlan } from '../launchplan/index.js';
 import { planNetwork, type NetMode } from '../net/spec.js';
 import { checkVmName } from '../state/registry.js';
-import { requireTemplate, templateBootImage } from '../templates/index.js';
-import { bootTimeoutFromEnv, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
+import { openTemplate, templateBootImage } from '../templates/index.js';
+import { bootTimeoutFromEnv, checkGuestString, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
 
 /** A host directory in the guest: `'HOST:GUEST[:ro|rw]'` as `--add-dir` takes it, or its parts. ro is the default. */
 export type AddDir = string | { host: string; guest: string; mode?: 'ro' | 'rw' };
@@ -23,8 +23,15 @@ export type AddDir = string | { host: string; guest: string; mode?: 'ro' | 'rw' 
 export interface ExecOptions {
   /** Environment variables of the command, on top of the guest's PATH and HOME; nothing from the host's leaks in. */
   env?: Readonly<Record<string, string>>;
-  /** Absolute working directory in the guest (default `/`; a launch plan's `working_dir`, created if missing). */
+  /**
+   * Files of variables in docker's `--env-file` format (`KEY=VALUE` lines, taken literally; a line
+   * `KEY` alone takes this process's value, if set). Later files win; `env` wins over them all.
+   */
+  envFiles?: readonly string[];
+  /** Absolute working directory in the guest (default `/`; a launch plan's `working_dir`). */
   cwd?: string;
+  /** Create the working directory (and its parents) when missing, as docker run's `-w` does; default: only for a launch plan's `working_dir`. */
+  createCwd?: boolean;
   /** Virtual CPUs, 1–64 (default 2, or the template's). */
   cpus?: number;
   /** Guest memory: `'1G'`, `'768M'`, or a number of MiB (default 512, or the template's). */
@@ -45,7 +52,10 @@ export interface ExecOptions {
   allowHosts?: readonly string[];
   /** `[ADDRESS:]HOSTPORT:GUESTPORT`: host TCP ports forwarded to the guest (ADDRESS 127.0.0.1 unless given). */
   publish?: readonly string[];
-  /** Boot this template (`mvmctl template build NAME`) instead of the default image. */
+  /**
+   * Boot this template (`mvmctl template build NAME`) instead of the default image: its name, or the
+   * path of its directory (holding a `/` or starting with `.`; a NAME symlink or a version directory).
+   */
   template?: string;
   /** Boot cold even when the image or template has a snapshot. */
   noSnapshot?: boolean;
@@ -85,7 +95,7 @@ export type VmOptions = Pick<
 };
 
 /** What a command is: the options `vm.exec` takes. */
-export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'timeout' | 'stdin' | 'signal' | 'onWarning'>;
+export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'createCwd' | 'timeout' | 'stdin' | 'signal' | 'onWarning'>;
 
 export interface ResolvedVm {
   request: Omit<VmRequest, 'label'>;
@@ -100,19 +110,21 @@ export interface ResolvedExec {
 /** Checks `options` (cheap checks first, files and templates after) and resolves what to run and boot. */
 export async function resolveExec(argv: readonly string[], options: ExecOptions, provider: VmProvider, log: (line: string) => void): Promise<ResolvedExec> {
   const command = resolveCommand(argv, options, { launchPlan: options.launchPlan });
+  checkStrings('envFiles', options.envFiles);
   // Loaded on use: the schema library costs a noticeable part of every exec's start-up.
   const plan: LaunchPlan | undefined = options.launchPlan === undefined ? undefined : await (await import('../launchplan/index.js')).loadLaunchPlan(options.launchPlan);
+  const fileEnv = await readEnvFiles(options.envFiles ?? [], process.env);
   const vm = await resolveVm(options, provider, log);
   if (plan && options.verbose) for (const field of plan.ignoredFields) log(`launch plan: ignored field ${field}`);
   return {
     request: {
       ...command,
       argv: plan?.argv ?? command.argv,
-      // Lowest to highest precedence: the plan's env (app/top-level < entrypoint), then the options'.
-      env: mergeEnv(plan?.env ?? {}, command.env),
-      // A plan's working_dir is created when missing, as a container's WORKDIR would be; a cwd given here is not.
+      // Lowest to highest precedence: the plan's env (app/top-level < entrypoint), the env files, then the options'.
+      env: mergeEnv(plan?.env ?? {}, fileEnv, command.env),
+      // A plan's working_dir is created when missing, as a container's WORKDIR would be; a cwd given here only when asked.
       cwd: options.cwd ?? plan?.cwd,
-      createCwd: options.cwd === undefined && plan !== undefined,
+      createCwd: options.createCwd ?? (options.cwd === undefined && plan !== undefined),
       ...vm.request,
     },
     deps: vm.deps,
@@ -125,7 +137,14 @@ export function resolveCommand(argv: readonly string[], options: CommandOptions,
   const timeoutSeconds = integerIn(options.timeout ?? DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE, 'timeout');
   checkCommand(argv, launchPlan);
   if (options.cwd !== undefined) checkGuestString('cwd', options.cwd, { absolute: true });
-  return { argv: [...argv], env, ...(options.cwd !== undefined ? { cwd: options.cwd } : {}), timeoutSeconds, interactive: options.stdin ?? false };
+  return {
+    argv: [...argv],
+    env,
+    ...(options.cwd !== undefined ? { cwd: options.cwd } : {}),
+    ...(options.createCwd ? { createCwd: true } : {}),
+    timeoutSeconds,
+    interactive: options.stdin ?? false,
+  };
 }
 
 /** Checks a VM's options (cheap checks first, files and templates after) and resolves what to boot. */
@@ -135,15 +154,15 @@ export async function resolveVm(options: VmOptions, provider: VmProvider, log: (
   if (options.name !== undefined) checkVmName(options.name);
   checkChoice('accel', options.accel, ACCEL_CHOICES);
   const backendName = backendChoice(checkChoice('backend', options.backend, BACKEND_CHOICES));
-  const addDirSpecs = (options.addDirs ?? []).map(addDirSpec);
+  const addDirParts = (options.addDirs ?? []).map(addDirPartsOf);
   checkStrings('allowHosts', options.allowHosts);
   checkStrings('publish', options.publish);
 
-  const addDirs = addDirSpecs.map((spec) => parseAddDirSpec(spec, process.cwd()));
+  const addDirs = addDirParts.map((parts) => resolveAddDir(parts, process.cwd()));
   validateAddDirs(addDirs);
   const backend = provider.backend(backendName);
   // A template brings its own default size; sizes given in the options win.
-  const template = options.template === undefined ? undefined : await requireTemplate(options.template);
+  const template = options.template === undefined ? undefined : await openTemplate(options.template);
   const size = {
     cpus: cpus ?? template?.meta.cpus ?? DEFAULT_CPUS,
     memoryMiB: memoryMiB ?? template?.meta.memoryMiB ?? DEFAULT_MEMORY_MIB,
@@ -181,13 +200,6 @@ function checkCommand(argv: readonly string[], launchPlan: string | undefined): 
   argv.forEach((arg, index) => checkGuestString(`argv[${index}]`, arg));
 }
 
-/** Strings travel to the guest agent as C strings: a NUL would be refused only once the VM is up. */
-function checkGuestString(option: string, value: unknown, { absolute = false } = {}): void {
-  if (typeof value !== 'string') throw new InvalidOptionError(option, `expected a string, got ${value === null ? 'null' : typeof value}`);
-  if (value.includes('\0')) throw new InvalidOptionError(option, 'contains a NUL byte, which cannot reach the guest');
-  if (absolute && !value.startsWith('/')) throw new InvalidOptionError(option, `'${value}' is not an absolute guest path`);
-}
-
 function checkStrings(option: string, values: unknown): void {
   if (values !== undefined && !(Array.isArray(values) && values.every((v) => typeof v === 'string'))) {
     throw new InvalidOptionError(option, 'expected an array of strings');
@@ -199,14 +211,12 @@ function checkChoice<T extends string>(option: string, value: T | undefined, cho
   throw new InvalidOptionError(option, `'${String(value)}' is not one of ${choices.join(', ')}`);
 }
 
-/** An AddDir as the `HOST:GUEST[:ro|rw]` spec parseAddDirSpec takes (and its messages quote). */
-function addDirSpec(dir: AddDir): string {
-  if (typeof dir === 'string') return dir;
+/** An AddDir taken apart; the object form is quoted in messages as the spec it reads as. */
+function addDirPartsOf(dir: AddDir): AddDirParts {
+  if (typeof dir === 'string') return splitAddDirSpec(dir);
   if (typeof dir !== 'object' || dir === null) throw new InvalidOptionError('addDirs', "expected 'HOST:GUEST[:ro|rw]' strings or { host, guest, mode } objects");
   const { host, guest, mode = 'ro' } = dir;
   if (typeof host !== 'string' || typeof guest !== 'string') throw new InvalidOptionError('addDirs', 'host and guest must be strings');
   if (mode !== 'ro' && mode !== 'rw') throw new InvalidOptionError('addDirs', `mode must be ro or rw, got '${String(mode)}'`);
-  // The spec's GUEST is its last field but for the mode; a colon in it would shift the fields.
-  if (guest.includes(':')) throw new InvalidOptionError('addDirs', `guest path '${guest}' may not contain ':'`);
-  return `${host}:${guest}:${mode}`;
+  return { spec: `${host}:${guest}:${mode}`, host, guest, readOnly: mode === 'ro' };
 }

@@ -1,5 +1,5 @@
 /**
- * Checks of exec's sizes and limits, shared by the TypeScript API (src/sdk/options.ts) and the CLI's
+ * Checks of exec's sizes, limits and guest strings, shared by the TypeScript API (src/sdk/options.ts) and the CLI's
  * flags (src/cli/parse.ts, which turns InvalidOptionError into commander's own usage error).
  */
 import { MvmError } from '../errors.js';
@@ -52,6 +52,13 @@ export function integerIn(value: string | number, range: { min: number; max: num
   const number = Number(value);
   if (number < range.min || number > range.max) throw new InvalidOptionError(option, `'${value}' is not between ${range.min} and ${range.max}`);
   return number;
+}
+
+/** Strings travel to the guest agent as C strings: a NUL would be refused only once the VM is up. */
+export function checkGuestString(option: string, value: unknown, { absolute = false } = {}): void {
+  if (typeof value !== 'string') throw new InvalidOptionError(option, `expected a string, got ${value === null ? 'null' : typeof value}`);
+  if (value.includes('\0')) throw new InvalidOptionError(option, 'contains a NUL byte, which cannot reach the guest');
+  if (absolute && !value.startsWith('/')) throw new InvalidOptionError(option, `'${value}' is not an absolute guest path`);
 }
 
 const DEFAULT_BOOT_TIMEOUT_S = 60;

@@ -1,5 +1,5 @@
 /**
- * Templates: registered guest images (`mvmctl template …`) that `exec --manifest NAME` boots, or
+ * Templates: registered guest images (`mvmctl template …`) that `exec --template NAME` (or `-m`/`--manifest`) boots, or
  * restores from a snapshot (src/snapshots/). See store.ts (layout), build.ts and initramfs.ts (boot).
  */
 import type { Backend } from '../backends/types.js';
@@ -9,7 +9,7 @@ import type { Template } from './store.js';
 import { templateSubject } from './subject.js';
 
 export { buildTemplate, type BuildOptions } from './build.js';
-export { findTemplate, listTemplates, removeTemplate, requireTemplate, templatesDir, vmsUsing, type Template, type TemplateMeta } from './store.js';
+export { findTemplate, listTemplates, openTemplate, removeTemplate, requireTemplate, templatesDir, vmsUsing, type Template, type TemplateMeta } from './store.js';
 export { RESERVED_DIR } from './initramfs.js';
 export { templateSubject } from './subject.js';
 

@@ -22,7 +22,7 @@ import { MvmError } from '../errors.js';
 import { workName } from '../fs-atomic.js';
 import { removeSnapshotLeftovers } from '../snapshots/index.js';
 import { pidAlive } from '../image/lock.js';
-import { dataDir } from '../paths.js';
+import { dataDir, expandHome } from '../paths.js';
 import { listVms } from '../state/registry.js';
 import { TEMPLATE_MARKER_FILE } from '../vm/index.js';
 
@@ -122,6 +122,22 @@ export async function requireTemplate(name: string): Promise<Template> {
     `no template named '${name}' ` +
       (names.length ? `(templates: ${names.join(', ')})` : `(there are none yet: create one with 'mvmctl template build ${NAME_RE.test(name) ? name : 'NAME'}')`),
   );
+}
+
+/**
+ * The template `ref` names, as `exec --template`/`-m` takes it: a template's name, or (when it holds a
+ * `/` or starts with `.`, which no name does) the path of a template directory: a version directory
+ * with its template.json, or a NAME symlink to one. An MvmError (exit 125) names what is wrong.
+ */
+export async function openTemplate(ref: string): Promise<Template> {
+  if (!ref.includes('/') && !ref.startsWith('.')) return requireTemplate(ref);
+  const dir = await realpath(expandHome(ref)).catch(() => undefined);
+  if (!dir) throw new MvmError(`template directory ${ref} does not exist`);
+  const meta = await readMeta(dir);
+  if (!meta) {
+    throw new MvmError(`${ref} is not a template directory: it holds no template.json of a template (templates are in ${templatesDir()}; make one with 'mvmctl template build NAME')`);
+  }
+  return { name: meta.name, dir, meta };
 }
 
 /** Names of running VMs started from `dir` (a template version directory). */

@@ -82,6 +82,15 @@ describe('mvmctl exec --add-dir', () => {
     assert.deepEqual(readdirSync(ro), ['input.txt']);
   });
 
+  test('-d: HOST ends at the first colon, so GUEST paths may hold colons; the mode is read from a final :ro/:rw', async () => {
+    const ro = freshDir({ foo: 'from ro\n' });
+    const rw = freshDir();
+    const result = await mvmctl(['exec', '-d', `${ro}:/data:v1`, '-d', `${rw}:/a:b:rw`, '--', 'sh', '-c', 'cat /data:v1/foo; echo new > /a:b/out; touch /data:v1/x 2>/dev/null || echo ro'], env);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout.toString(), 'from ro\nro\n');
+    assert.equal(readFileSync(join(rw, 'out'), 'utf8'), 'new\n');
+  });
+
   test('ro is enforced by the block device: root cannot write, even after remount', async () => {
     const dir = freshDir({ 'keep.txt': 'original\n' });
     const before = treeDigest(dir);
@@ -196,7 +205,7 @@ describe('mvmctl exec --add-dir', () => {
       `${dir}:/proc`,
       `${dir}:/sys/kernel`,
       `${dir}:/dev`,
-      `${dir}:/x:rx`,
+      `${dir}:/x:`,
       `${dir}`,
     ];
     for (const spec of specs) {

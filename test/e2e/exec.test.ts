@@ -2,7 +2,8 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -10,6 +11,7 @@ import { collect, isolatedEnv, mvmctl, startMvmctl, vmmPidsMentioning, vmProcess
 
 const { env, stateDir, cleanup } = isolatedEnv();
 const vmsDir = join(stateDir, 'vms');
+const work = mkdtempSync(join(tmpdir(), 'mvm-e2e-exec-'));
 
 function runningVmDirs(): string[] {
   return existsSync(vmsDir) ? readdirSync(vmsDir) : [];
@@ -22,7 +24,10 @@ async function assertNothingLeft(): Promise<void> {
   assert.deepEqual(runningVmDirs(), [], 'no state dir may outlive its run');
 }
 
-after(cleanup);
+after(() => {
+  cleanup();
+  rmSync(work, { recursive: true, force: true });
+});
 
 describe('mvmctl exec', () => {
   before(async () => {
@@ -71,6 +76,17 @@ describe('mvmctl exec', () => {
     const result = await mvmctl(['exec', '-e', 'FOO=bar', '--env', 'BAZ=qux=1', '--', 'sh', '-c', 'echo "$FOO|$BAZ"; printf "[%s]\\n" "$@"', 'sh', ...args], env);
     assert.equal(result.code, 0, result.stderr);
     assert.equal(result.stdout.toString(), `bar|qux=1\n${args.map((arg) => `[${arg}]\n`).join('')}`);
+  });
+
+  test('docker run habits: -w DIR (created), -e KEY from mvmctl\'s environment, --env-file; -e wins over the file', async () => {
+    const envFile = join(work, 'vars.env');
+    writeFileSync(envFile, '# from the file\nFROM_FILE=file value\nBOTH=file\nNOT_SET_HERE\n');
+    const result = await mvmctl(
+      ['exec', '-w', '/new/dir', '-e', 'FROM_ENV', '-e', 'UNSET_HERE', '--env-file', envFile, '-e', 'BOTH=flag', '--', 'sh', '-c', 'pwd; echo $FROM_ENV $FROM_FILE $BOTH; env | grep -c _HERE || true'],
+      { ...env, FROM_ENV: 'env value' },
+    );
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout.toString(), '/new/dir\nenv value file value flag\n0\n');
   });
 
   test('stdin is forwarded with -i (EOF included) and never read without it', async () => {
@@ -227,6 +243,8 @@ describe('mvmctl exec', () => {
   });
 
   test('bad input: one line, exit 125, no VM started', async () => {
+    const badEnvFile = join(work, 'bad.env');
+    writeFileSync(badEnvFile, 'OK=1\nNOT OK=2\n');
     const cases = [
       ['exec', '--memory', 'lots', '--', 'true'],
       ['exec', '--cpus', '0', '--', 'true'],
@@ -235,6 +253,11 @@ describe('mvmctl exec', () => {
       ['exec', '--accel', 'fast', '--', 'true'],
       ['exec'],
       ['exec', '--no-such-flag', '--', 'true'],
+      ['exec', '-w', 'relative', '--', 'true'],
+      ['exec', '--env-file', join(work, 'missing.env'), '--', 'true'],
+      ['exec', '--env-file', badEnvFile, '--', 'true'],
+      ['exec', '-m', './not-a-template', '--', 'true'],
+      ['exec', '--template', 'a', '-m', 'b', '--', 'true'],
     ];
     for (const args of cases) {
       const result = await mvmctl(args, env);

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, relative } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { collect, isolatedEnv, mvmctl, startMvmctl, vmmPidsMentioning, waitForOutput } from './helpers.js';
@@ -215,6 +215,21 @@ describe('mvmctl template + exec --manifest (default image)', () => {
     const r = await mvmctl(['exec', '--manifest', 'nope', '--', 'true'], env);
     assert.equal(r.code, 125);
     assert.equal(r.stderr, "mvmctl: no template named 'nope' (templates: def)\n");
+  });
+
+  test('-m and --template also take a template directory (its NAME symlink, or a version directory by a ./ path); another directory: one line, 125', async () => {
+    const link = join(templatesDir, 'def');
+    const version = `./${relative(process.cwd(), join(templatesDir, readlinkSync(link)))}`;
+    for (const flags of [['-m', link], ['--template', version]]) {
+      const r = await mvmctl(['exec', '-v', ...flags, '--', 'echo', 'hi'], env);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(r.stdout.toString(), 'hi\n');
+      assert.ok(restored(r.stderr), r.stderr);
+    }
+    const notTemplate = await mvmctl(['exec', '-m', work, '--', 'true'], env);
+    assert.equal(notTemplate.code, 125);
+    assert.match(notTemplate.stderr, /^mvmctl: \S+ is not a template directory: [^\n]+\n$/);
+    await assertNothingLeft();
   });
 });
 

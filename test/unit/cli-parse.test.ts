@@ -1,9 +1,22 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { InvalidArgumentError } from 'commander';
-import { bootTimeoutFromEnv, parseIntegerIn, parseMemory } from '../../src/cli/parse.js';
+import { bootTimeoutFromEnv, parseGuestDir, parseIntegerIn, parseMemory } from '../../src/cli/parse.js';
 import { MvmError } from '../../src/errors.js';
 import { ConsoleBuffer } from '../../src/backends/console.js';
+import { parseEnvAssignment, parseEnvFile } from '../../src/launchplan/env.js';
+
+const NAME_RULE = 'must match [A-Za-z_][A-Za-z0-9_]* (and not be __proto__)';
+
+/** Asserts `action` throws a one-line MvmError (exit 125) with exactly `message`. */
+function refused(action: () => unknown, message: string): void {
+  assert.throws(action, (error: unknown) => {
+    assert.ok(error instanceof MvmError, String(error));
+    assert.equal(error.exitCode, 125);
+    assert.equal(error.message, message);
+    return true;
+  });
+}
 
 describe('--memory sizes', () => {
   test('suffixes are binary units; a bare number is MiB', () => {
@@ -63,4 +76,69 @@ test('MVM_BOOT_TIMEOUT: seconds, default 60, nonsense refused in one line', () =
     if (saved === undefined) delete process.env.MVM_BOOT_TIMEOUT;
     else process.env.MVM_BOOT_TIMEOUT = saved;
   }
+});
+
+test('-w/--workdir: an absolute guest path', () => {
+  assert.equal(parseGuestDir('/new/dir'), '/new/dir');
+  for (const bad of ['rel', '', './x', '/a\0b']) assert.throws(() => parseGuestDir(bad), InvalidArgumentError, bad);
+});
+
+describe('-e/--env KEY[=VALUE]', () => {
+  const environment = { FROM_ENV: 'host value', EMPTY: '' };
+
+  test('splits at the first "="', () => {
+    assert.deepEqual(parseEnvAssignment('K=V', environment), ['K', 'V']);
+    assert.deepEqual(parseEnvAssignment('_k1=', environment), ['_k1', '']);
+    assert.deepEqual(parseEnvAssignment('URL=a=b', environment), ['URL', 'a=b']);
+  });
+
+  test("a bare KEY takes mvmctl's own value, and is left out when unset there, as docker does", () => {
+    assert.deepEqual(parseEnvAssignment('FROM_ENV', environment), ['FROM_ENV', 'host value']);
+    assert.deepEqual(parseEnvAssignment('EMPTY', environment), ['EMPTY', '']);
+    assert.equal(parseEnvAssignment('UNSET', environment), undefined);
+    assert.equal(parseEnvAssignment('toString', environment), undefined, 'not a property of the environment object');
+  });
+
+  test('refuses a bad name, by the same rule as launch plans', () => {
+    for (const [arg, key] of [['1K=v', '1K'], ['=v', ''], ['A-B=v', 'A-B'], ['__proto__=v', '__proto__'], ['1K', '1K'], ['', '']]) {
+      refused(() => parseEnvAssignment(arg!, environment), `--env ${JSON.stringify(arg)}: variable name ${JSON.stringify(key)} ${NAME_RULE}`);
+    }
+  });
+});
+
+describe('--env-file (docker run format)', () => {
+  const environment = { FROM_ENV: 'host value' };
+  const parse = (text: string) => parseEnvFile(text, 'env file f.env', environment);
+
+  test('KEY=VALUE lines taken literally; # comments, blank lines and leading whitespace skipped', () => {
+    const text = [
+      '# a comment',
+      '',
+      '   ',
+      'A=1',
+      '  B=two words  ',
+      'Q="quoted"',
+      "S='single'",
+      'URL=a=b#c',
+      '\t# an indented comment',
+      'EMPTY=',
+    ].join('\n');
+    assert.deepEqual(parse(text), { A: '1', B: 'two words  ', Q: '"quoted"', S: "'single'", URL: 'a=b#c', EMPTY: '' });
+  });
+
+  test('a line KEY alone takes the environment\'s value, or is left out; a later line wins', () => {
+    assert.deepEqual(parse('FROM_ENV\nUNSET\nA=1\nA=2'), { FROM_ENV: 'host value', A: '2' });
+  });
+
+  test('CRLF line ends and a byte-order mark are not part of keys or values', () => {
+    assert.deepEqual(parse('\uFEFFA=1\r\nB=2\r\n'), { A: '1', B: '2' });
+  });
+
+  test('a bad line: one error naming the file and the line number', () => {
+    refused(() => parse('A=1\n\nB C=2'), `env file f.env, line 3: variable name "B C" ${NAME_RULE}`);
+    refused(() => parse('=x'), `env file f.env, line 1: variable name "" ${NAME_RULE}`);
+    refused(() => parse('A=1\nKEY '), `env file f.env, line 2: variable name "KEY " ${NAME_RULE}`);
+    refused(() => parse('export A=1'), `env file f.env, line 1: variable name "export A" ${NAME_RULE}`);
+    refused(() => parse('A=x\0y'), 'env file f.env, line 1: the value of A contains a NUL byte, which cannot reach the guest');
+  });
 });

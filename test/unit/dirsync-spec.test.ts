@@ -4,7 +4,7 @@ import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { MvmError } from '../../src/errors.js';
-import { parseAddDirSpec, validateAddDirs } from '../../src/dirsync/index.js';
+import { parseAddDirSpec, resolveAddDir, splitAddDirSpec, validateAddDirs } from '../../src/dirsync/index.js';
 import { showSpec } from '../../src/dirsync/spec.js';
 
 const base = realpathSync(mkdtempSync(join(tmpdir(), 'dirsync-spec-')));
@@ -12,6 +12,7 @@ const dir = join(base, 'proj');
 const colonDir = join(base, 'a:b');
 mkdirSync(join(dir, 'sub'), { recursive: true });
 mkdirSync(colonDir);
+mkdirSync(join(base, 'ab'));
 symlinkSync(dir, join(base, 'alias'));
 writeFileSync(join(base, 'file'), 'x');
 after(() => rmSync(base, { recursive: true, force: true }));
@@ -38,14 +39,24 @@ describe('parseAddDirSpec', () => {
     assert.equal(parseAddDirSpec(`${dir}:/work:rw`, base).readOnly, false);
     assert.equal(parseAddDirSpec(`${dir}:/work:ro`, base).readOnly, true);
   });
-  it('expands ~', () => {
+  it('expands ~ and ~/ from the home directory', () => {
     assert.equal(parseAddDirSpec('~:/home-dir', base).hostPath, realpathSync(homedir()));
+    assert.equal(parseAddDirSpec('~/:/home-dir', base).hostPath, realpathSync(homedir()));
   });
   it('normalizes GUEST', () => {
     assert.equal(parseAddDirSpec(`${dir}:/work//a/../b/`, base).guestPath, '/work/b');
   });
-  it('allows colons in HOST', () => {
-    assert.equal(parseAddDirSpec(`${colonDir}:/work:rw`, base).hostPath, colonDir);
+  it('ends HOST at the first colon and reads the mode only from a final :ro or :rw, so GUEST may hold colons', () => {
+    assert.deepEqual(parseAddDirSpec('proj:/data:v1', base), { spec: 'proj:/data:v1', hostPath: dir, guestPath: '/data:v1', readOnly: true });
+    assert.deepEqual(parseAddDirSpec('proj:/a:b:rw', base), { spec: 'proj:/a:b:rw', hostPath: dir, guestPath: '/a:b', readOnly: false });
+    assert.equal(parseAddDirSpec('proj:/a:ro:rw', base).guestPath, '/a:ro');
+    assert.equal(parseAddDirSpec('proj:/work:rx', base).guestPath, '/work:rx');
+    assert.equal(parseAddDirSpec('proj:/a:b/c', base).guestPath, '/a:b/c');
+  });
+  it('takes a HOST with a colon only in parts (the SDK\'s { host, guest } form)', () => {
+    const parts = splitAddDirSpec(`${colonDir}:/work:rw`);
+    assert.deepEqual(parts, { spec: `${colonDir}:/work:rw`, host: join(base, 'a'), guest: `b:/work`, readOnly: false });
+    assert.equal(resolveAddDir({ spec: 'x', host: colonDir, guest: '/work', readOnly: false }, base).hostPath, colonDir);
   });
   it('rejects every malformed spec with one line', () => {
     rejects('proj', /HOST:GUEST/);
@@ -60,7 +71,10 @@ describe('parseAddDirSpec', () => {
     rejects('proj:/sys', /\/sys/);
     rejects('proj:/dev/shm', /\/dev/);
     rejects('proj:/work/../dev', /\/dev/);
-    rejects('proj:/work:rx', /mode must be ro or rw/);
+    rejects('proj:/work:', /mode must be ro or rw, got ''/);
+    rejects('proj:/work:RO', /mode must be ro or rw, got 'RO'/);
+    rejects('proj::rw', /GUEST is empty/);
+    rejects(`${colonDir}:/work`, /does not exist/);
     rejects('~nobody-such-user/x:/work', /~user/);
     rejects('proj:/wo\nrk', /control characters/);
   });
@@ -69,10 +83,10 @@ describe('parseAddDirSpec', () => {
 describe('validateAddDirs', () => {
   const spec = (s: string) => parseAddDirSpec(s, base);
   it('accepts distinct, non-nested GUEST paths', () => {
-    validateAddDirs([spec('proj:/work'), spec(`${colonDir}:/workbench:rw`), spec('proj/sub:/other')]);
+    validateAddDirs([spec('proj:/work'), spec('ab:/workbench:rw'), spec('proj/sub:/other')]);
   });
   it('rejects a shared GUEST path', () => {
-    assert.throws(() => validateAddDirs([spec('proj:/work'), spec(`${colonDir}:/work/:rw`)]), (err: unknown) => {
+    assert.throws(() => validateAddDirs([spec('proj:/work'), spec('ab:/work/:rw')]), (err: unknown) => {
       assert.ok(err instanceof MvmError);
       assert.match(err.message, /already used by --add-dir 'proj:\/work'/);
       return true;

@@ -106,6 +106,22 @@ describe('compileManifest', () => {
     assert.deepEqual(await readdir(join(out, 'worker')), ['launch.json']);
   });
 
+  it('calls a single app without a name "app" in its workload_id', async () => {
+    const { manifest, out } = await workspace({ apps: [{ entrypoint: { command: ['true'] } }] });
+    await compileManifest(manifest, out);
+    assert.equal(JSON.parse(await readFile(join(out, 'launch.json'), 'utf8')).workload_id, 'app');
+    assert.equal((await loadLaunchPlan(join(out, 'launch.json'))).workloadId, 'app');
+  });
+
+  it('needs a name for each app of several, since it names the output directory', async () => {
+    const { manifest, out } = await workspace({ apps: [TWO_APPS.apps[0], { entrypoint: { command: ['x'] } }] });
+    await assertRefused(
+      compileManifest(manifest, out),
+      `manifest ${manifest}: apps[1].name: required when the manifest has several apps (each app's name is its output directory)`,
+    );
+    await assert.rejects(stat(out), { code: 'ENOENT' });
+  });
+
   it('creates missing parents of --out', async () => {
     const { manifest, out } = await workspace(SPEC_IR);
     const nested = join(out, 'a', 'b');

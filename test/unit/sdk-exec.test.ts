@@ -202,8 +202,39 @@ describe('exec() (scripted guest)', () => {
     assert.deepEqual(strings(request.env).sort(), ['LOG_LEVEL=info', 'PORT=9090']);
   });
 
+  test('envFiles go between the plan and env (later files win; a bare KEY from this process); createCwd makes a cwd given here', async () => {
+    const plan = join(scratch, 'launch-env.json');
+    writeFileSync(plan, SPEC_ARTIFACT);
+    const first = join(scratch, 'first.env');
+    const second = join(scratch, 'second.env');
+    writeFileSync(first, '# first\nLOG_LEVEL=from-file\nA=1\nB=1\nSDK_TEST_FROM_ENV\n');
+    writeFileSync(second, 'B=2\nC=2\n');
+    process.env.SDK_TEST_FROM_ENV = 'from this process';
+    try {
+      const { exec, sent } = scripted(commandEnds({ kind: ExitKind.EXITED, code: 0 }));
+      const handle = exec([], { ...tcg, launchPlan: plan, envFiles: [first, second], env: { C: 'env' }, cwd: '/new/dir', createCwd: true });
+      handle.stdout.resume();
+      handle.stderr.resume();
+      assert.equal((await handle.exited).exitCode, 0);
+      const request = execMessage(sent());
+      assert.deepEqual(strings(request.env).sort(), ['A=1', 'B=2', 'C=env', 'LOG_LEVEL=from-file', 'PORT=8080', 'SDK_TEST_FROM_ENV=from this process']);
+      assert.equal(strings([request.cwd])[0], '/new/dir');
+      assert.equal(request.flags & ExecFlag.MKDIR_CWD, ExecFlag.MKDIR_CWD);
+    } finally {
+      delete process.env.SDK_TEST_FROM_ENV;
+    }
+    const { exec, sent } = scripted(commandEnds({ kind: ExitKind.EXITED, code: 0 }));
+    const plain = exec(['x'], { ...tcg, cwd: '/w' });
+    plain.stdout.resume();
+    plain.stderr.resume();
+    await plain.exited;
+    assert.equal(execMessage(sent()).flags & ExecFlag.MKDIR_CWD, 0, 'a cwd is not created unless asked');
+  });
+
   test('bad options reject exited with a typed error (exit code 125) before any VM starts; exec() itself does not throw', async () => {
     const { exec, backend } = scripted(politeAgent);
+    const badEnvFile = join(scratch, 'bad.env');
+    writeFileSync(badEnvFile, 'OK=1\nNOT OK=2\n');
     const cases: [string[], ExecOptions, RegExp, new (...args: never[]) => MvmError][] = [
       [['x'], { memory: '2048G' }, /^memory: '2048G' is more than 1T$/, InvalidOptionError],
       [['x'], { memory: 32 }, /^memory: '32' is too small/, InvalidOptionError],
@@ -219,6 +250,10 @@ describe('exec() (scripted guest)', () => {
       [['x'], { addDirs: [{ host: join(scratch, 'missing'), guest: '/w' }] }, /does not exist/, MvmError],
       [['x'], { addDirs: [{ host: scratch, guest: '/w', mode: 'wx' as 'rw' }] }, /^addDirs: mode must be ro or rw/, InvalidOptionError],
       [['x'], { template: 'nope' }, /^no template named 'nope'/, MvmError],
+      [['x'], { template: './nope' }, /^template directory \.\/nope does not exist$/, MvmError],
+      [['x'], { envFiles: 'a.env' as unknown as string[] }, /^envFiles: expected an array of strings$/, InvalidOptionError],
+      [['x'], { envFiles: [join(scratch, 'missing.env')] }, /^env file .+missing\.env: no such file$/, MvmError],
+      [['x'], { envFiles: [badEnvFile] }, /^env file .+bad\.env, line 2: variable name "NOT OK" must match/, MvmError],
       [[], { launchPlan: join(scratch, 'no-plan.json') }, /^launch plan /, MvmError],
       [[], {}, /^argv: no command given/, InvalidOptionError],
       [['x'], { launchPlan: 'plan.json' }, /^launchPlan: the launch plan supplies the command/, InvalidOptionError],

@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, relative } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { qemuArgs } from '../../src/backends/qemu/index.js';
 import type { VmSpec } from '../../src/backends/types.js';
 import { MVM_ROOT_SCRIPT, TEMPLATE_INITTAB } from '../../src/templates/initramfs.js';
-import { requireTemplate, validateTemplateName } from '../../src/templates/store.js';
+import { openTemplate, requireTemplate, validateTemplateName } from '../../src/templates/store.js';
 
 const base: VmSpec = { name: 'vm', runDir: '/run/x', kernel: '/k', initrd: '/i', kernelArgs: [], accel: 'tcg', cpus: 2, memoryMiB: 512, drives: [] };
 
@@ -102,5 +102,28 @@ describe('template names and lookup', () => {
       assert.match(error.message, /no template named 'nope' \(there are none yet: create one with 'mvmctl template build nope'\)/);
       return true;
     });
+  });
+
+  test('a template by name or by the path of its directory (the NAME symlink or a version directory); anything else is one line', async () => {
+    const templates = join(data, 'templates');
+    const version = join(templates, '.t.v-1-ab');
+    mkdirSync(version, { recursive: true });
+    writeFileSync(join(version, 'template.json'), JSON.stringify({ format: 1, name: 't' }));
+    symlinkSync('.t.v-1-ab', join(templates, 't'));
+    for (const ref of ['t', join(templates, 't'), version, `./${relative(process.cwd(), version)}`]) {
+      const template = await openTemplate(ref);
+      assert.deepEqual([template.name, template.dir], ['t', version], ref);
+    }
+    const notTemplate = join(data, 'plain');
+    mkdirSync(notTemplate);
+    const refused: [string, RegExp][] = [
+      [notTemplate, /^\/.+\/plain is not a template directory: it holds no template\.json of a template \(templates are in .+; make one with 'mvmctl template build NAME'\)$/],
+      [join(version, 'template.json'), /is not a template directory/],
+      ['./no-such-dir', /^template directory \.\/no-such-dir does not exist$/],
+      ['nope', /^no template named 'nope' \(templates: t\)$/],
+    ];
+    for (const [ref, message] of refused) {
+      await assert.rejects(openTemplate(ref), (error: Error & { exitCode?: number }) => error.exitCode === 125 && message.test(error.message), ref);
+    }
   });
 });
