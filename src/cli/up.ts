@@ -1,64 +1,33 @@
 import { constants } from 'node:os';
 import { text } from 'node:stream/consumers';
-import { Command, Option } from 'commander';
-import type { AccelChoice } from '../accel/index.js';
-import { BACKEND_CHOICES, type BackendChoice } from '../backends/index.js';
+import { Command } from 'commander';
 import { MvmError } from '../errors.js';
 import { envFromAssignments } from '../launchplan/env.js';
-import { NET_MODES, type NetMode } from '../net/spec.js';
 import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js';
 import { consoleRun, startSupervised } from '../supervisor/client.js';
 import { supervise, type SupervisedOptions } from '../supervisor/serve.js';
-import { accelOption, collect, logLine, parseIntegerIn, parseMemory } from './parse.js';
+import { collect, logLine, parseIntegerIn } from './parse.js';
+import { addVmFlags, vmOptionsFromFlags, type VmFlags } from './vm-flags.js';
 
-interface UpFlags {
+interface UpFlags extends VmFlags {
   name?: string;
-  cpus?: number;
-  memory?: number;
-  addDir: string[];
-  manifest?: string;
-  snapshot: boolean;
-  backend?: BackendChoice;
-  accel?: AccelChoice;
-  net?: NetMode;
-  allowHost: string[];
-  publish: string[];
   verbose?: boolean;
 }
 
 export function upCommand(): Command {
-  return new Command('up')
+  const command = new Command('up')
     .description('start a microVM that stays up (run commands in it with `mvmctl console`, stop it with `mvmctl down`); prints its name')
-    .option('--name <name>', 'the VM\'s name (default: a generated exec-… one)')
-    .option('--cpus <n>', 'virtual CPUs (default 2, or the template\'s)', parseIntegerIn(1, 64))
-    .addOption(new Option('--memory <size>', 'guest memory: K/M/G suffix, bare number = MiB (default 512M, or the template\'s)').argParser(parseMemory))
-    .option('--add-dir <HOST:GUEST[:ro|rw]>', 'mount a host directory in the guest; rw syncs changes back at `mvmctl down` (repeatable)', collect, [])
-    .option('--manifest <name>', 'boot this template instead of the default image')
-    .option('--no-snapshot', 'boot cold even when the image or template has a snapshot')
-    .addOption(new Option('--backend <name>', 'VMM to use').choices(BACKEND_CHOICES))
-    .addOption(accelOption())
-    .addOption(new Option('--net <mode>', "the guest's network: none or user (default: none, or the template's)").choices(NET_MODES))
-    .option('--allow-host <NAME[:PORT]>', 'let the guest reach only this host, over HTTP(S) through a proxy on the host (repeatable)', collect, [])
-    .option('-p, --publish <[ADDRESS:]HOSTPORT:GUESTPORT>', 'forward a host TCP port (on 127.0.0.1 unless ADDRESS is given) to the guest (repeatable)', collect, [])
-    .option('-v, --verbose', 'show the guest console and timings on stderr while it starts')
-    .action(async (flags: UpFlags) => {
-      const options: SupervisedOptions = {
-        ...(flags.name !== undefined ? { name: flags.name } : {}),
-        ...(flags.cpus !== undefined ? { cpus: flags.cpus } : {}),
-        ...(flags.memory !== undefined ? { memory: flags.memory } : {}),
-        addDirs: flags.addDir,
-        ...(flags.manifest !== undefined ? { template: flags.manifest } : {}),
-        noSnapshot: !flags.snapshot,
-        ...(flags.backend ? { backend: flags.backend } : {}),
-        ...(flags.accel ? { accel: flags.accel } : {}),
-        ...(flags.net ? { net: flags.net } : {}),
-        allowHosts: flags.allowHost,
-        publish: flags.publish,
-        verbose: flags.verbose ?? false,
-      };
-      const name = await startSupervised(process.argv[1]!, options, (line) => process.stderr.write(`${line}\n`));
-      process.stdout.write(`${name}\n`);
-    });
+    .option('--name <name>', "the VM's name (default: a generated exec-… one)")
+    .option('-v, --verbose', 'show the guest console and timings on stderr while it starts');
+  return addVmFlags(command, { syncNote: 'at `mvmctl down`' }).action(async (flags: UpFlags) => {
+    const options: SupervisedOptions = {
+      ...vmOptionsFromFlags(flags),
+      ...(flags.name !== undefined ? { name: flags.name } : {}),
+      verbose: flags.verbose ?? false,
+    };
+    const name = await startSupervised(process.argv[1]!, options, (line) => process.stderr.write(`${line}\n`));
+    process.stdout.write(`${name}\n`);
+  });
 }
 
 interface ConsoleFlags {
