@@ -29,7 +29,7 @@ async function npm(args: string[], cwd: string): Promise<ToolResult> {
  * The host env (the state dir) comes from the spawn; `env` would be the guest's.
  */
 const USER_SCRIPT = `
-import { exec } from 'mvmctl';
+import { exec, MicroVm } from 'mvmctl';
 const run = exec(['sh', '-c', 'echo hi; echo to-err >&2; exit 3'], { timeout: 60 });
 let err = '';
 run.stderr.on('data', (chunk) => (err += chunk));
@@ -40,14 +40,26 @@ const sleeper = exec(['sh', '-c', 'echo ready; exec sleep 100'], { timeout: 60 }
 sleeper.stderr.resume();
 for await (const chunk of sleeper.stdout) sleeper.kill('SIGTERM');
 const killed = await sleeper.exited;
-console.log(JSON.stringify({ result, err, killed }));
+
+// A VM that stays up: the second command sees the first one's file; stop() ends it.
+const vm = await MicroVm.start({ name: 'sdk-vm' });
+const first = vm.exec(['sh', '-c', 'echo kept > /tmp/f']);
+const second = vm.exec(['cat', '/tmp/f']);
+let kept = '';
+for await (const chunk of second.stdout) kept += chunk;
+const both = [(await first.exited).exitCode, (await second.exited).exitCode];
+await vm.stop();
+await vm.closed;
+console.log(JSON.stringify({ result, err, killed, name: vm.name, kept, both }));
 `;
 
 /** The package's types as a TypeScript user sees them through its `exports` map. */
 const USER_TYPES = `
-import { exec, MvmError, type ExecOptions, type ExecResult } from 'mvmctl';
+import { exec, MicroVm, MvmError, type ExecOptions, type ExecResult, type VmOptions } from 'mvmctl';
 const options: ExecOptions = { memory: '1G', addDirs: [{ host: '.', guest: '/work', mode: 'rw' }], accel: 'tcg' };
 const run = exec(['true'], options);
+const vmOptions: VmOptions = { name: 'x', net: 'user' };
+export const started: Promise<MicroVm> = MicroVm.start(vmOptions);
 const result: Promise<ExecResult> = run.exited;
 run.kill('SIGTERM');
 export const failed = (error: unknown): number | undefined => (error instanceof MvmError ? error.exitCode : undefined);
@@ -61,7 +73,7 @@ describe('the packed package', () => {
     assert.equal(result.code, 0, result.stderr);
   });
 
-  test("npm pack, npm install of the tarball, then import { exec } from 'mvmctl' runs commands in VMs and kills one", async () => {
+  test("npm pack, npm install of the tarball, then import { exec, MicroVm } from 'mvmctl' runs commands in VMs, kills one, and keeps a VM up for two", async () => {
     const packed = await npm(['pack', '--json', '--pack-destination', work], repoRoot);
     const [{ filename }] = JSON.parse(packed.stdout) as { filename: string }[];
     mkdirSync(project);
@@ -89,6 +101,9 @@ describe('the packed package', () => {
       result: { exitCode: 3, timedOut: false },
       err: 'to-err\n',
       killed: { exitCode: 143, signal: 'SIGTERM', timedOut: false },
+      name: 'sdk-vm',
+      kept: 'kept\n',
+      both: [0, 0],
     });
     await assertNoVmLeft(stateDir);
   });
