@@ -7,6 +7,7 @@ import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js'
 import { consoleRun, startSupervised } from '../supervisor/client.js';
 import { supervise, type SupervisedOptions } from '../supervisor/serve.js';
 import { collect, logLine, parseIntegerIn } from './parse.js';
+import { runInterruptibly } from './signals.js';
 import { addVmFlags, vmOptionsFromFlags, type VmFlags } from './vm-flags.js';
 
 interface UpFlags extends VmFlags {
@@ -25,8 +26,11 @@ export function upCommand(): Command {
       ...(flags.name !== undefined ? { name: flags.name } : {}),
       verbose: flags.verbose ?? false,
     };
-    const name = await startSupervised(process.argv[1]!, options, (line) => process.stderr.write(`${line}\n`));
-    process.stdout.write(`${name}\n`);
+    process.exitCode = await runInterruptibly(async (signal) => {
+      const name = await startSupervised(process.argv[1]!, options, (line) => process.stderr.write(`${line}\n`), signal);
+      process.stdout.write(`${name}\n`);
+      return 0;
+    });
   });
 }
 

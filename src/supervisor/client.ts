@@ -20,10 +20,16 @@ const STOP_TIMEOUT_MS = 600_000;
  * terminal does not reach it) and resolves with the VM's name once it is up. Its lines until then
  * go to `onLine`.
  */
-export function startSupervised(mvmctl: string, options: SupervisedOptions, onLine: (line: string) => void): Promise<string> {
+export function startSupervised(mvmctl: string, options: SupervisedOptions, onLine: (line: string) => void, signal: AbortSignal): Promise<string> {
   const child = spawn(process.execPath, [mvmctl, '__supervise'], { detached: true, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin!.end(JSON.stringify(options));
   return new Promise<string>((resolve, reject) => {
+    // Interrupted while the VM boots: the supervisor stops it (its own start is aborted) and exits.
+    const onAbort = () => {
+      child.kill('SIGTERM');
+      finish(signal.reason as Error);
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
     const timer = setTimeout(() => {
       child.kill('SIGTERM');
       finish(new MvmError(`the VM did not come up within ${UP_TIMEOUT_MS / 1000} s`));
@@ -33,6 +39,7 @@ export function startSupervised(mvmctl: string, options: SupervisedOptions, onLi
       if (settled) return;
       settled = true;
       clearTimeout(timer);
+      signal.removeEventListener('abort', onAbort);
       // The supervisor lives on; its pipes to us do not.
       child.stdout!.destroy();
       child.stderr!.destroy();

@@ -137,6 +137,25 @@ describe('mvmctl up, console, down', () => {
     await assertNoVmLeft(stateDir);
   });
 
+  test('Ctrl-C at up while the VM boots: exit 130, and the supervisor takes the VM down', async () => {
+    const child = startMvmctl(['up', '--name', 'halfway', '--no-snapshot', '-v'], env);
+    const done = collect(child);
+    await new Promise<void>((resolve) => {
+      let seen = '';
+      child.stderr!.on('data', (chunk: Buffer) => {
+        seen += chunk.toString();
+        if (seen.includes('[timing] VMM started')) resolve();
+      });
+    });
+    child.kill('SIGINT');
+    const result = await done;
+    assert.equal(result.code, 130, result.stderr.toString());
+    assert.equal(result.stdout.toString(), '');
+    for (let i = 0; i < 50 && (await lsNames()).length > 0; i++) await sleep(100);
+    assert.deepEqual(await lsNames(), []);
+    await assertNoVmLeft(stateDir);
+  });
+
   test('bad input is one line, exit 125, and nothing starts', async () => {
     const both = await mvmctl(['console', 'x', '--command', 'true', '--', 'true'], env);
     assert.equal(both.code, 125);
