@@ -122,7 +122,8 @@ export class AllowlistProxy {
     this.track(socket);
     socket.on('error', () => socket.destroy());
     socket.setTimeout(IDLE_TIMEOUT_MS, () => socket.destroy());
-    const target = /^\[?([^\]]+?)\]?:(\d{1,5})$/.exec(req.url ?? '');
+    // A name or an IPv4 address, and a port: nothing else (no userinfo, no path) may ride along.
+    const target = /^([A-Za-z0-9.-]+):(\d{1,5})$/.exec(req.url ?? '');
     if (!target) return rawAnswer(socket, 400, 'mvmctl: CONNECT wants host:port');
     const name = target[1]!;
     const port = Number(target[2]);
@@ -179,7 +180,8 @@ function endToEndHeaders(headers: IncomingHttpHeaders): IncomingHttpHeaders {
 }
 
 function plainAnswer(res: ServerResponse, status: number, message: string): void {
-  res.writeHead(status, { 'content-type': 'text/plain; charset=utf-8', 'x-mvm-refused': status === 403 ? 'allow-host' : 'proxy', connection: 'close' });
+  // A client (or its user) can tell the allowlist's refusal from the upstream server's own 403.
+  res.writeHead(status, { 'content-type': 'text/plain; charset=utf-8', connection: 'close', ...(status === 403 ? { 'x-mvm-refused': 'allow-host' } : {}) });
   res.end(`${message}\n`);
 }
 

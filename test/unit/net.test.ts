@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createServer, request, type IncomingMessage, type Server } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import { connect, type AddressInfo, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { nicArgs } from '../../src/backends/qemu/args.js';
@@ -151,6 +151,36 @@ describe('the allowlist proxy', () => {
 
   test('a request that is not for a proxy (a relative URL) gets a 400', async () => {
     assert.equal((await viaProxy({ path: '/' })).status, 400);
+  });
+
+  test('a guest cannot smuggle another host past the list: userinfo, junk CONNECT targets, Host headers', async () => {
+    // http://allowed.test@denied.test/ names denied.test (allowed.test is only userinfo).
+    assert.equal((await viaProxy({ path: `http://allowed.test:${originPort}@denied.test:${originPort}/` })).status, 403);
+    assert.equal((await connectVia(`allowed.test:${originPort}@denied.test:${originPort}`)).status, 400);
+    assert.equal((await connectVia('allowed.test')).status, 400);
+    const before = seen.length;
+    await viaProxy({ path: `http://allowed.test:${originPort}/h`, headers: { host: 'denied.test' } });
+    assert.equal(seen.length, before + 1);
+    assert.equal(seen.at(-1)!.headers.host, `allowed.test:${originPort}`, 'the upstream sees the URL\'s host, never the guest\'s Host header');
+  });
+
+  test('what a guest can make the proxy hold is bounded: header size, and connections at once', async () => {
+    const huge = await viaProxy({ path: `http://allowed.test:${originPort}/`, headers: { 'x-fill': 'a'.repeat(64 * 1024) } }).catch((error: Error) => error);
+    assert.ok(huge instanceof Error ? /socket hang up|ECONNRESET/.test(huge.message) : huge.status === 431, 'a 64 KiB header is refused');
+    const idle: Socket[] = [];
+    try {
+      for (let i = 0; i < 64; i++) {
+        const socket = connect(socketPath);
+        await once(socket, 'connect');
+        idle.push(socket);
+      }
+      const extra = connect(socketPath);
+      idle.push(extra);
+      // Past the limit the server drops the connection at once, without reading from it.
+      await once(extra, 'close');
+    } finally {
+      for (const socket of idle) socket.destroy();
+    }
   });
 
   function connectVia(target: string): Promise<{ status: number; socket: Socket; head: Buffer }> {
