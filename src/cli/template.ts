@@ -7,7 +7,7 @@ import { MvmError } from '../errors.js';
 import { progressReporter } from '../progress.js';
 import { planBootAccel } from '../vm/index.js';
 import { captureSnapshot, readSnapshotMeta, removeSnapshot, verifySnapshot, type SnapshotMeta } from '../snapshots/index.js';
-import { buildTemplate, listTemplates, removeTemplate, requireTemplate, templateSubject, vmsUsing, type Template } from '../templates/index.js';
+import { buildTemplate, collectGarbage, listTemplates, removeTemplate, requireTemplate, templateSubject, vmsUsing, type Template } from '../templates/index.js';
 import { accelChoice, type AccelChoice } from '../accel/index.js';
 import { accelOption, bootTimeoutFromEnv, logLine, parseIntegerIn, parseMemory } from './parse.js';
 import { runInterruptibly } from './signals.js';
@@ -72,6 +72,8 @@ async function summary(template: Template) {
 /** `mvmctl template build|ls|info|rm|snapshot`: registered images for `exec --template NAME`. */
 export function templateCommand(): Command {
   const template = new Command('template').description('build and manage templates: guest images for `mvmctl exec --template NAME`, with optional snapshots');
+  // Every template command first removes what killed builds and snapshots left behind (store.ts).
+  template.hook('preAction', () => collectGarbage());
 
   template
     .command('build')

@@ -48,6 +48,8 @@ export interface VmDeps {
   accel: AccelChoice;
   /** Replaces the grace a command's guest gets past its deadline before its VM is killed (tests). */
   hostDeadlineGraceMs?: number;
+  /** Replaces how long a restored guest may take to answer before the run boots cold (tests). */
+  restoreTimeoutMs?: number;
 }
 
 export interface StartOptions {
@@ -150,7 +152,7 @@ export class LiveVm {
       else if (choice.note && io.verbose) io.log(choice.note);
       const snapshot = choice.plan && (await fitDriveSlots(choice.plan, staged, deps.backend, io));
       if (snapshot) {
-        const restore = await restoreSnapshot(owned, { ...spec, accel: accel.accel }, snapshot, guestSignal);
+        const restore = await restoreSnapshot(owned, { ...spec, accel: accel.accel }, snapshot, guestSignal, deps.restoreTimeoutMs ?? RESTORE_TIMEOUT_MS);
         if ('session' in restore) {
           ({ vm, session } = restore);
           timings.mark(`restored from snapshot, agent ready (${session.agentVersion})`);
@@ -324,9 +326,10 @@ async function restoreSnapshot(
   cold: Omit<VmSpec, 'name' | 'runDir'>,
   plan: RestorePlan,
   signal: AbortSignal,
+  timeoutMs: number,
 ): Promise<{ vm: RunningVm; session: AgentSession } | { error: string }> {
   let vm: RunningVm | undefined;
-  const attempt = AbortSignal.any([signal, AbortSignal.timeout(RESTORE_TIMEOUT_MS)]);
+  const attempt = AbortSignal.any([signal, AbortSignal.timeout(timeoutMs)]);
   try {
     // The staged directories take their slots; the rest get empty files of this VM's own, so that
     // no guest can write to a file other restores of the snapshot also attach (a backend may not
@@ -343,12 +346,12 @@ async function restoreSnapshot(
       },
       attempt,
     );
-    const session = await openAgentSession(vm, { signal: attempt, timeoutMs: RESTORE_TIMEOUT_MS, guest: 'the restored guest' });
+    const session = await openAgentSession(vm, { signal: attempt, timeoutMs, guest: 'the restored guest' });
     return { vm, session };
   } catch (error) {
     await vm?.kill();
     if (signal.aborted) throw signal.reason;
-    if (attempt.aborted) return { error: `the restore took longer than ${RESTORE_TIMEOUT_MS / 1000} s` };
+    if (attempt.aborted) return { error: `the restore took longer than ${timeoutMs / 1000} s` };
     return { error: (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, ' ') };
   }
 }

@@ -9,7 +9,7 @@ import type { Template } from './store.js';
 import { templateSubject } from './subject.js';
 
 export { buildTemplate, type BuildOptions } from './build.js';
-export { findTemplate, listTemplates, openTemplate, removeTemplate, requireTemplate, templatesDir, vmsUsing, type Template, type TemplateMeta } from './store.js';
+export { collectGarbage, findTemplate, listTemplates, openTemplate, removeTemplate, requireTemplate, templatesDir, vmsUsing, type Template, type TemplateMeta } from './store.js';
 export { RESERVED_DIR } from './initramfs.js';
 export { templateSubject } from './subject.js';
 

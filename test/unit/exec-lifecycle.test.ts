@@ -173,6 +173,29 @@ describe('exec lifecycle (scripted guest)', () => {
     assert.ok(await backend.allExited());
   });
 
+  // The test's own timeout is the bound: without the restore timeout the silent guest would be waited on for good.
+  test('a restored guest whose agent stays silent past the restore timeout: one warning, then a cold boot runs the command', { timeout: 60_000 }, async () => {
+    // The restored guest never answers HELLO; the cold-booted one is polite.
+    const backend = new ScriptedBackend((message, guest) => {
+      if (guest.spec.snapshot?.mode === 'restore') return;
+      commandEnds({ kind: ExitKind.EXITED, code: 0 })(message, guest);
+    });
+    const out = io();
+    const withSnapshot: BootImage = {
+      ...image,
+      label: 'template tpl',
+      chooseSnapshot: async () => ({ plan: { accel: 'tcg', dir: '/snap', driveSlots: { paths: ['/snap/slot0'], slotBytes: 1 << 30 } } }),
+    };
+    const result = await execInMicroVm(request(), out, { ...deps(backend, withSnapshot), restoreTimeoutMs: 300 }, new AbortController().signal);
+    assert.equal(result.exitCode, 0);
+    assert.equal(out.out(), 'hello\n');
+    assert.equal(out.lines.length, 1, out.lines.join('\n'));
+    assert.match(out.lines[0]!, /^template tpl: restoring the snapshot failed \((the restore took longer than 0\.3 s|the restored guest's agent did not answer within 0\.3 s)\); booting cold instead$/);
+    assert.ok(backend.guests[0]!.received.some((m) => m.type === 'hello'), 'the restored guest was asked');
+    assert.deepEqual(backend.specs.map((spec) => spec.snapshot?.dir ?? 'cold'), ['/snap', 'cold']);
+    assert.ok(await backend.allExited(), 'the silent restored VMM was killed too');
+  });
+
   test('a restore with --add-dir: each image takes a drive slot at the slot size, the rest get empty read-only files of their own', async () => {
     const host = hostDir();
     let imageSize = 0;
