@@ -275,6 +275,7 @@ describe('templates with a root file system (tiny busybox tree)', () => {
     assert.equal(without.code, 0, without.stderr);
     assert.equal(without.stdout.toString(), 'lo\nnameserver 192.0.2.1\n');
     assert.equal(readFileSync(join(netRoot, 'etc', 'resolv.conf'), 'utf8'), 'nameserver 192.0.2.1\n', 'the user\'s tree is not written');
+    assert.equal((await mvmctl(['template', 'rm', 'tinynet'], env)).code, 0);
     await assertNothingLeft();
   });
 

@@ -32,6 +32,10 @@ const ACCEL_ABORT_LINE = /^(?:qemu-system-\S+: )?(?:error: )?(failed to set MSR\
 const ACCEL_FAILURE_KIND = /^(emulation failure)$/;
 /** How long to wait for that line before reporting the error without it. */
 const ACCEL_FAILURE_KIND_WAIT_MS = 100;
+/** The agent's console line once it accepts on vsock (guest/transport.c). */
+const AGENT_LISTENING_LINE = /mvm-agent: listening on vsock:/;
+/** How long the first CONNECT waits for that line: a guest that never prints it is retried after it. */
+const AGENT_LISTENING_WAIT_MS = 5_000;
 /** QEMU could not listen on a `-p` forward's host port; it then exits. */
 const HOSTFWD_FAILURE_LINE = /Could not set up host forwarding rule '(?:tcp:)?([^-']*)-[^']*'/;
 
@@ -138,6 +142,8 @@ class QemuVm implements RunningVm {
   readonly exited: Promise<VmExit>;
   readonly failed: Promise<GuestFailure>;
   private readonly console = new ConsoleBuffer();
+  private markAgentListening!: () => void;
+  private readonly agentListening = new Promise<void>((resolve) => (this.markAgentListening = resolve));
   private readonly stderrTail = new ConsoleBuffer();
   private hasExited = false;
   private reportFailure!: (failure: GuestFailure) => void;
@@ -161,7 +167,12 @@ class QemuVm implements RunningVm {
     this.failed = new Promise((resolve) => {
       this.reportFailure = resolve;
     });
-    child.stdout!.on('data', (chunk: Buffer) => this.console.push(chunk, spec.onConsoleLine));
+    child.stdout!.on('data', (chunk: Buffer) =>
+      this.console.push(chunk, (line) => {
+        if (AGENT_LISTENING_LINE.test(line)) this.markAgentListening();
+        spec.onConsoleLine?.(line);
+      }),
+    );
     let accelError: string | undefined;
     const reportAccelError = (kind?: string) => {
       if (accelError) this.reportFailure({ reason: kind ? `${accelError} (${kind})` : accelError, accelFailure: true });
@@ -225,16 +236,19 @@ class QemuVm implements RunningVm {
     return [...this.console.tail(maxLines), ...this.stderrTail.tail(maxLines)].slice(-maxLines);
   }
 
-  connectAgent(signal: AbortSignal): Promise<Socket> {
+  async connectAgent(signal: AbortSignal): Promise<Socket> {
     const options = {
       signal,
       gone: () => this.hasExited,
       goneError: () => new MvmError(`QEMU exited before the guest agent channel opened`, 125, this.consoleTail(20)),
       retryMs: 10,
     };
-    return this.vsockDevice
-      ? connectHybridVsock(hybridVsockPath(this.spec.runDir), AGENT_VSOCK_PORT, { ...options, retryMs: 20 })
-      : connectWhenListening(agentSocketPath(this.spec.runDir), options);
+    if (!this.vsockDevice) return connectWhenListening(agentSocketPath(this.spec.runDir), options);
+    // Each CONNECT before the agent listens is refused by the guest, and vhost-device-vsock 0.3 can
+    // wedge for good on a run of those (seen under load): the first one waits for the agent's own
+    // console line. Only a hint, so a guest that never prints it is still retried after a while.
+    await Promise.race([this.agentListening, sleep(AGENT_LISTENING_WAIT_MS, undefined, { signal, ref: false }).catch(() => {})]);
+    return connectHybridVsock(hybridVsockPath(this.spec.runDir), AGENT_VSOCK_PORT, { ...options, retryMs: 50 });
   }
 
   private qmp(signal: AbortSignal): Promise<Qmp> {
