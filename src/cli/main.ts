@@ -1,9 +1,9 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
-import { EXIT_MVM_FAILURE, MvmError } from '../errors.js';
 import { compileCommand } from './compile.js';
 import { doctorCommand } from './doctor.js';
 import { execCommand } from './exec.js';
+import { describeFailure, printDebugStack, printFailure } from './failure.js';
 import { imageCommand } from './image.js';
 import { templateCommand } from './template.js';
 import { consoleCommand, superviseCommand, upCommand } from './up.js';
@@ -28,21 +28,13 @@ function program(): Command {
   return root;
 }
 
+/** Prints mvmctl's own failure and returns the exit code. */
 function report(error: unknown): number {
-  if (error instanceof CommanderError) {
-    if (error.exitCode === 0) return 0;
-    process.stderr.write(`mvmctl: ${error.message.replace(/^error: /, '')}\n`);
-    return EXIT_MVM_FAILURE;
-  }
-  if (error instanceof MvmError) {
-    process.stderr.write(`mvmctl: ${error.message}\n`);
-    for (const line of error.details) process.stderr.write(`  | ${line}\n`);
-    return error.exitCode;
-  }
-  const message = error instanceof Error ? error.message : String(error);
-  process.stderr.write(`mvmctl: internal error: ${message} (set MVM_DEBUG=1 for details)\n`);
-  if (process.env.MVM_DEBUG === '1' && error instanceof Error) process.stderr.write(`${error.stack}\n`);
-  return EXIT_MVM_FAILURE;
+  if (error instanceof CommanderError && error.exitCode === 0) return 0;
+  printDebugStack(error);
+  const failure = describeFailure(error);
+  printFailure(failure);
+  return failure.exitCode;
 }
 
 try {
