@@ -72,7 +72,7 @@ export function consoleCommand(): Command {
       const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
       for (const signal of signals) process.on(signal, onSignal);
       try {
-        process.exitCode = await run.exited;
+        process.exitCode = (await run.exited).exitCode;
       } finally {
         for (const signal of signals) process.removeListener(signal, onSignal);
       }
