@@ -1,10 +1,12 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
+import { jsonRequested } from './command-output.js';
 import { compileCommand } from './compile.js';
 import { doctorCommand } from './doctor.js';
 import { execCommand } from './exec.js';
 import { describeFailure, printDebugStack, printFailure } from './failure.js';
 import { imageCommand } from './image.js';
+import { errorEvent, EventWriter } from './json-events.js';
 import { templateCommand } from './template.js';
 import { consoleCommand, superviseCommand, upCommand } from './up.js';
 import { downCommand, lsCommand } from './vms.js';
@@ -28,12 +30,17 @@ function program(): Command {
   return root;
 }
 
-/** Prints mvmctl's own failure and returns the exit code. */
+/**
+ * Prints mvmctl's own failure and returns the exit code. With --json, exec and console report
+ * their failures as events themselves; commander's come before their action, so the command line
+ * says whether one is wanted.
+ */
 function report(error: unknown): number {
   if (error instanceof CommanderError && error.exitCode === 0) return 0;
   printDebugStack(error);
   const failure = describeFailure(error);
-  printFailure(failure);
+  if (error instanceof CommanderError && jsonRequested(process.argv.slice(2))) new EventWriter(process.stdout).write(errorEvent(failure));
+  else printFailure(failure);
   return failure.exitCode;
 }
 
