@@ -3,7 +3,7 @@
  * `mvmctl exec` does (the CLI is built on it); `MicroVm.start()` keeps one up for many commands, as
  * `mvmctl up` does. See docs/sdk.md.
  */
-export { exec, type ExecHandle, type ExecResult } from './sdk/exec.js';
+export { exec, type ExecHandle, type ExecResult, type ExecStarted } from './sdk/exec.js';
 export { MicroVm } from './sdk/microvm.js';
 export type { AddDir, CommandOptions, ExecOptions, VmOptions } from './sdk/options.js';
 export { InvalidOptionError } from './sdk/parse.js';

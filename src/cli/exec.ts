@@ -2,8 +2,9 @@ import { Command } from 'commander';
 import { MvmError } from '../errors.js';
 import { envFromAssignments } from '../launchplan/env.js';
 import { progressReporter } from '../progress.js';
-import { exec } from '../sdk/exec.js';
+import { exec, type ExecResult } from '../sdk/exec.js';
 import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js';
+import { commandOutput, type CommandOutput } from './command-output.js';
 import { collect, logLine, parseGuestDir, parseIntegerIn } from './parse.js';
 import { runInterruptibly } from './signals.js';
 import { addVmFlags, vmOptionsFromFlags, type VmFlags } from './vm-flags.js';
@@ -16,6 +17,7 @@ interface ExecFlags extends VmFlags {
   interactive?: boolean;
   verbose?: boolean;
   launchPlan?: string;
+  json?: boolean;
 }
 
 export function execCommand(): Command {
@@ -29,37 +31,43 @@ export function execCommand(): Command {
     .option('-w, --workdir <DIR>', 'run the command in this absolute guest directory, created if missing', parseGuestDir)
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
     .option('-v, --verbose', 'show the guest console and timings on stderr')
-    .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest');
+    .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
+    .option('--json', 'newline-delimited JSON events on stdout (started, stdout, stderr, exit or error; docs/json-events.md) instead of the raw output');
   return addVmFlags(command, { syncNote: 'after a clean exit' })
     .passThroughOptions()
     .action(async (argv: string[], flags: ExecFlags) => {
-      const env = envFromAssignments(flags.env);
-      // Usage errors in the flags' own terms; exec() would name its options instead.
-      if (flags.launchPlan !== undefined && argv.length > 0) throw new MvmError('--launch-plan supplies the command: give either it or a command after --, not both');
-      if (flags.launchPlan === undefined && argv.length === 0) throw new MvmError('no command given: usage is mvmctl exec [options] -- CMD [ARGS...] (or --launch-plan PATH)');
-      process.exitCode = await runInterruptibly(async (signal) => {
-        const handle = exec(argv, {
-          ...vmOptionsFromFlags(flags),
-          env,
-          envFiles: flags.envFile,
-          ...(flags.workdir === undefined ? {} : { cwd: flags.workdir, createCwd: true }),
-          timeout: flags.timeout,
-          launchPlan: flags.launchPlan,
-          stdin: flags.interactive,
-          signal,
-          onProgress: progressReporter({ force: flags.verbose }),
-          onWarning: logLine,
-          verbose: flags.verbose,
-        });
-        handle.stdout.pipe(process.stdout, { end: false });
-        handle.stderr.pipe(process.stderr, { end: false });
-        if (handle.stdin) process.stdin.pipe(handle.stdin);
-        try {
-          return (await handle.exited).exitCode;
-        } finally {
-          // A stdin that is no longer piped anywhere stops being read, so mvmctl can exit.
-          if (handle.stdin) process.stdin.unpipe(handle.stdin);
-        }
-      });
+      const output = commandOutput(flags.json ?? false);
+      process.exitCode = await runInterruptibly((signal) => output.report(() => run(argv, flags, output, signal)));
     });
+}
+
+async function run(argv: string[], flags: ExecFlags, output: CommandOutput, signal: AbortSignal): Promise<ExecResult> {
+  const env = envFromAssignments(flags.env);
+  // Usage errors in the flags' own terms; exec() would name its options instead.
+  if (flags.launchPlan !== undefined && argv.length > 0) throw new MvmError('--launch-plan supplies the command: give either it or a command after --, not both');
+  if (flags.launchPlan === undefined && argv.length === 0) throw new MvmError('no command given: usage is mvmctl exec [options] -- CMD [ARGS...] (or --launch-plan PATH)');
+  // The SDK's timings count from this call.
+  const calledAt = performance.now();
+  const handle = exec(argv, {
+    ...vmOptionsFromFlags(flags),
+    env,
+    envFiles: flags.envFile,
+    ...(flags.workdir === undefined ? {} : { cwd: flags.workdir, createCwd: true }),
+    timeout: flags.timeout,
+    launchPlan: flags.launchPlan,
+    stdin: flags.interactive,
+    signal,
+    onStarted: ({ name, timings }) => output.started(name, timings, calledAt),
+    onProgress: progressReporter({ force: flags.verbose }),
+    onWarning: logLine,
+    verbose: flags.verbose,
+  });
+  output.attach(handle.stdout, handle.stderr);
+  if (handle.stdin) process.stdin.pipe(handle.stdin);
+  try {
+    return await handle.exited;
+  } finally {
+    // A stdin that is no longer piped anywhere stops being read, so mvmctl can exit.
+    if (handle.stdin) process.stdin.unpipe(handle.stdin);
+  }
 }

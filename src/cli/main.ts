@@ -1,10 +1,12 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
-import { EXIT_MVM_FAILURE, MvmError } from '../errors.js';
+import { jsonRequested } from './command-output.js';
 import { compileCommand } from './compile.js';
 import { doctorCommand } from './doctor.js';
 import { execCommand } from './exec.js';
+import { describeFailure, printDebugStack, printFailure } from './failure.js';
 import { imageCommand } from './image.js';
+import { errorEvent, EventWriter } from './json-events.js';
 import { templateCommand } from './template.js';
 import { consoleCommand, superviseCommand, upCommand } from './up.js';
 import { downCommand, lsCommand } from './vms.js';
@@ -28,21 +30,18 @@ function program(): Command {
   return root;
 }
 
+/**
+ * Prints mvmctl's own failure and returns the exit code. With --json, exec and console report
+ * their failures as events themselves; commander's come before their action, so the command line
+ * says whether one is wanted.
+ */
 function report(error: unknown): number {
-  if (error instanceof CommanderError) {
-    if (error.exitCode === 0) return 0;
-    process.stderr.write(`mvmctl: ${error.message.replace(/^error: /, '')}\n`);
-    return EXIT_MVM_FAILURE;
-  }
-  if (error instanceof MvmError) {
-    process.stderr.write(`mvmctl: ${error.message}\n`);
-    for (const line of error.details) process.stderr.write(`  | ${line}\n`);
-    return error.exitCode;
-  }
-  const message = error instanceof Error ? error.message : String(error);
-  process.stderr.write(`mvmctl: internal error: ${message} (set MVM_DEBUG=1 for details)\n`);
-  if (process.env.MVM_DEBUG === '1' && error instanceof Error) process.stderr.write(`${error.stack}\n`);
-  return EXIT_MVM_FAILURE;
+  if (error instanceof CommanderError && error.exitCode === 0) return 0;
+  printDebugStack(error);
+  const failure = describeFailure(error);
+  if (error instanceof CommanderError && jsonRequested(process.argv.slice(2))) new EventWriter(process.stdout).write(errorEvent(failure));
+  else printFailure(failure);
+  return failure.exitCode;
 }
 
 try {

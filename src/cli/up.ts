@@ -1,13 +1,16 @@
 import { constants } from 'node:os';
+import { PassThrough } from 'node:stream';
 import { text } from 'node:stream/consumers';
 import { Command } from 'commander';
 import { MvmError } from '../errors.js';
 import { envFromAssignments } from '../launchplan/env.js';
+import type { ExecResult } from '../sdk/exec.js';
 import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js';
 import { consoleRun, startSupervised } from '../supervisor/client.js';
 import { supervise, type SupervisedOptions } from '../supervisor/serve.js';
+import { commandOutput, type CommandOutput } from './command-output.js';
 import { collect, logLine, parseIntegerIn } from './parse.js';
-import { runInterruptibly } from './signals.js';
+import { Interrupted, runInterruptibly } from './signals.js';
 import { addVmFlags, vmOptionsFromFlags, type VmFlags } from './vm-flags.js';
 
 interface UpFlags extends VmFlags {
@@ -39,6 +42,7 @@ interface ConsoleFlags {
   env: string[];
   interactive?: boolean;
   timeout: number;
+  json?: boolean;
 }
 
 export function consoleCommand(): Command {
@@ -51,36 +55,51 @@ export function consoleCommand(): Command {
     .option('-e, --env <KEY=VALUE>', 'set an environment variable for the command (repeatable)', collect, [])
     .option('-i, --interactive', 'forward stdin to the command (otherwise its stdin is /dev/null)')
     .option('--timeout <seconds>', 'kill the command (exit 124) after this many seconds', parseIntegerIn(TIMEOUT_SECONDS_RANGE.min, TIMEOUT_SECONDS_RANGE.max), DEFAULT_TIMEOUT_SECONDS)
+    .option('--json', 'newline-delimited JSON events on stdout (started, stdout, stderr, exit or error; docs/json-events.md) instead of the raw output')
     .action(async (name: string, argv: string[], flags: ConsoleFlags) => {
-      if ((flags.command === undefined) === (argv.length === 0)) throw new MvmError('give the command either as --command "..." or after --, not both or neither');
-      const run = await consoleRun(
-        name,
-        {
-          argv: flags.command !== undefined ? ['/bin/sh', '-c', flags.command] : argv,
-          env: envFromAssignments(flags.env),
-          timeout: flags.timeout,
-          interactive: flags.interactive ?? false,
-        },
-        { stdin: process.stdin, stdout: process.stdout, stderr: process.stderr, log: logLine },
-      );
-      // The first Ctrl-C (or SIGTERM, SIGHUP) goes to the command, which decides; a second leaves it.
-      let interrupted: NodeJS.Signals | undefined;
-      const onSignal = (signal: NodeJS.Signals) => {
-        if (interrupted) {
-          run.detach();
-          process.exit(128 + constants.signals[interrupted]);
-        }
-        interrupted = signal;
-        run.signal(constants.signals[signal]);
-      };
-      const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
-      for (const signal of signals) process.on(signal, onSignal);
-      try {
-        process.exitCode = await run.exited;
-      } finally {
-        for (const signal of signals) process.removeListener(signal, onSignal);
-      }
+      const output = commandOutput(flags.json ?? false);
+      process.exitCode = await output.report(() => runConsole(name, argv, flags, output));
     });
+}
+
+async function runConsole(name: string, argv: string[], flags: ConsoleFlags, output: CommandOutput): Promise<ExecResult> {
+  if ((flags.command === undefined) === (argv.length === 0)) throw new MvmError('give the command either as --command "..." or after --, not both or neither');
+  // The client writes the command's output as it comes; these carry it to the output, and end with the run.
+  const stdout = new PassThrough();
+  const stderr = new PassThrough();
+  output.attach(stdout, stderr);
+  try {
+    const run = await consoleRun(
+      name,
+      {
+        argv: flags.command !== undefined ? ['/bin/sh', '-c', flags.command] : argv,
+        env: envFromAssignments(flags.env),
+        timeout: flags.timeout,
+        interactive: flags.interactive ?? false,
+      },
+      { stdin: process.stdin, stdout, stderr, log: logLine, onStarted: (vm) => output.started(vm, { commandStartedMs: performance.now() }) },
+    );
+    // The first Ctrl-C (or SIGTERM, SIGHUP) goes to the command, which decides; a second leaves it.
+    let interrupted: NodeJS.Signals | undefined;
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (interrupted) {
+        run.detach();
+        process.exit(output.abandon(new Interrupted(interrupted)));
+      }
+      interrupted = signal;
+      run.signal(constants.signals[signal]);
+    };
+    const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+    for (const signal of signals) process.on(signal, onSignal);
+    try {
+      return await run.exited;
+    } finally {
+      for (const signal of signals) process.removeListener(signal, onSignal);
+    }
+  } finally {
+    stdout.end();
+    stderr.end();
+  }
 }
 
 /** The supervisor of an `up` VM (started by `up` itself): its options as JSON on stdin. */

@@ -24,8 +24,8 @@ export interface CommandIo {
   stderr: Writable;
   /** Diagnostics for the user, one line each. */
   log: (line: string) => void;
-  /** Called once the agent has started the command: its `signal(signo)` reaches the command's process group. */
-  onCommandStarted?: (command: Pick<ExecHandle, 'signal'>) => void;
+  /** Called once the agent has answered the command: its `signal(signo)` reaches the command's process group; `pid` is null when it could not start. */
+  onCommandStarted?: (command: Pick<ExecHandle, 'signal' | 'pid'>) => void;
 }
 
 /** Grace the host gives the agent to report its own deadline before it kills the whole VM. */

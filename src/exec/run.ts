@@ -14,8 +14,10 @@ export interface ExecIo extends VmIo {
   stdin: Readable;
   stdout: Writable;
   stderr: Writable;
-  /** Called once the agent has started the command: its `signal(signo)` reaches the command's process group. */
-  onCommandStarted?: (command: Pick<ExecHandle, 'signal'>) => void;
+  /** Called once the VM is up (booted or restored, its directories mounted), before the command is sent. */
+  onVmReady?: (name: string) => void;
+  /** Called once the agent has answered the command: its `signal(signo)` reaches the command's process group; `pid` is null when it could not start. */
+  onCommandStarted?: (command: Pick<ExecHandle, 'signal' | 'pid'>) => void;
 }
 
 export interface ExecDeps extends VmDeps {
@@ -42,6 +44,7 @@ export async function execInMicroVm(request: ExecRequest, io: ExecIo, deps: Exec
   const guestLimitMs = deps.bootTimeoutMs + request.timeoutSeconds * 1000 + (deps.guestMarginMs ?? GUEST_MARGIN_MS);
   const vm = await LiveVm.start({ ...request, label: request.argv }, io, deps, signal, { guestLimitMs });
   try {
+    io.onVmReady?.(vm.name);
     const status = await vm.run(request, io);
     // A timed-out command's directories are not synced: its writes may be half done.
     await vm.stop({ sync: status.kind !== 'timedOut' });

@@ -19,6 +19,19 @@ export interface ExecResult {
   timedOut: boolean;
 }
 
+/** What `options.onStarted` is told once the command has started in the guest. */
+export interface ExecStarted {
+  /** The VM's name, as `mvmctl ls` shows it. */
+  name: string;
+  /** Milliseconds (fractional) since exec() or vm.exec() was called. */
+  timings: {
+    /** exec() only: the VM was up (booted or restored, its directories mounted). */
+    vmReadyMs?: number;
+    /** The command started; for vm.exec() this includes waiting for the commands before it. */
+    commandStartedMs: number;
+  };
+}
+
 export interface ExecHandle {
   /**
    * The command's output. Read both streams (iterate, pipe, or `resume()` the one you do not need):
@@ -114,14 +127,17 @@ export interface RunStreams {
   command: PendingSignals;
 }
 
-/** The command's streams as the lifecycle takes them. */
-export function commandIo(streams: RunStreams, log: (line: string) => void) {
+/** The command's streams as the lifecycle takes them; `onStarted` is called once the command has started (not when it could not). */
+export function commandIo(streams: RunStreams, log: (line: string) => void, onStarted: () => void) {
   return {
     stdin: streams.stdin ?? Readable.from([]),
     stdout: streams.stdout,
     stderr: streams.stderr,
     log,
-    onCommandStarted: (started: Pick<AgentExecHandle, 'signal'>) => streams.command.start(started),
+    onCommandStarted: (started: Pick<AgentExecHandle, 'signal' | 'pid'>) => {
+      streams.command.start(started);
+      if (started.pid !== null) onStarted();
+    },
   };
 }
 
@@ -132,13 +148,22 @@ export function execResult(status: ExitStatus): ExecResult {
 }
 
 async function run(argv: readonly string[], options: ExecOptions, provider: VmProvider, streams: RunStreams): Promise<ExecResult> {
+  const calledAt = performance.now();
   const signal = options.signal ?? new AbortController().signal;
   signal.throwIfAborted();
   const log = options.onWarning ?? (() => {});
   const { request, deps } = await resolveExec(argv, options, provider, log);
   // Resolving read files and templates; an abort meanwhile must not start a VM.
   signal.throwIfAborted();
-  const io: ExecIo = { ...commandIo(streams, log), verbose: options.verbose ?? false, progress: options.onProgress ?? silentProgress };
+  // Set as the VM is up, which is before the command can start.
+  let vm: { name: string; readyMs: number } | undefined;
+  const onStarted = () => options.onStarted?.({ name: vm!.name, timings: { vmReadyMs: vm!.readyMs, commandStartedMs: performance.now() - calledAt } });
+  const io: ExecIo = {
+    ...commandIo(streams, log, onStarted),
+    onVmReady: (name) => (vm = { name, readyMs: performance.now() - calledAt }),
+    verbose: options.verbose ?? false,
+    progress: options.onProgress ?? silentProgress,
+  };
   const { status } = await execInMicroVm(request, io, deps, signal);
   return execResult(status);
 }

@@ -64,12 +64,14 @@ export class MicroVm implements AsyncDisposable {
    * they were given; each sees what the ones before it left in the guest.
    */
   exec(argv: readonly string[], options: CommandOptions = {}): ExecHandle {
+    const calledAt = performance.now();
     return commandHandle(options.stdin ?? false, async (streams) => {
       const request = resolveCommand(argv, options);
+      const onStarted = () => options.onStarted?.({ name: this.name, timings: { commandStartedMs: performance.now() - calledAt } });
       const turn = this.running.then(async () => {
         if (this.stopped) throw new MvmError(`${this.name} is stopped`);
         const signals = [this.stopping.signal, ...(options.signal ? [options.signal] : [])];
-        return this.live.run(request, commandIo(streams, options.onWarning ?? this.log), AbortSignal.any(signals));
+        return this.live.run(request, commandIo(streams, options.onWarning ?? this.log, onStarted), AbortSignal.any(signals));
       });
       this.running = turn.catch(() => {});
       return execResult(await turn);

@@ -15,6 +15,7 @@ import type { LaunchPlan } from '../launchplan/index.js';
 import { planNetwork, type NetMode } from '../net/spec.js';
 import { checkVmName } from '../state/registry.js';
 import { openTemplate, templateBootImage } from '../templates/index.js';
+import type { ExecStarted } from './exec.js';
 import { bootTimeoutFromEnv, checkGuestString, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
 
 /** A host directory in the guest: `'HOST:GUEST[:ro|rw]'` as `--add-dir` takes it, or its parts. ro is the default. */
@@ -68,6 +69,8 @@ export interface ExecOptions {
   stdin?: boolean;
   /** Aborting it tears the VM down; `exited` then rejects with its reason. */
   signal?: AbortSignal;
+  /** Called once the command has started in the guest (not for one that could not be executed: `exited` then gives 126/127). */
+  onStarted?: (started: ExecStarted) => void;
   /** Progress of long work (building the default image, syncing large directories), one line each. */
   onProgress?: (line: string) => void;
   /** Warnings, one line each (the CLI prints them as `mvmctl: …`); with `verbose` also timings and the guest console. */
@@ -95,7 +98,7 @@ export type VmOptions = Pick<
 };
 
 /** What a command is: the options `vm.exec` takes. */
-export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'createCwd' | 'timeout' | 'stdin' | 'signal' | 'onWarning'>;
+export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'createCwd' | 'timeout' | 'stdin' | 'signal' | 'onStarted' | 'onWarning'>;
 
 export interface ResolvedVm {
   request: Omit<VmRequest, 'label'>;

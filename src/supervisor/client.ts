@@ -6,6 +6,7 @@ import { spawn } from 'node:child_process';
 import { connect, type Socket } from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 import { MvmError } from '../errors.js';
+import type { ExecResult } from '../sdk/exec.js';
 import { listVms, vmRunDir } from '../state/registry.js';
 import type { SupervisedOptions } from './serve.js';
 import { controlSocketPath, onLines, readMessages, send } from './wire.js';
@@ -92,11 +93,13 @@ export interface ConsoleIo {
   stdout: Writable;
   stderr: Writable;
   log: (line: string) => void;
+  /** The command has started in the guest (not called for one that could not be executed). */
+  onStarted?: (name: string) => void;
 }
 
 export interface ConsoleRun {
-  /** The command's exit code, as `exec` gives it. */
-  exited: Promise<number>;
+  /** How the command ended, as `exec` gives it. */
+  exited: Promise<ExecResult>;
   /** Sends a signal to the command's process group. */
   signal(signo: number): void;
   /** Leaves: the supervisor kills the command. */
@@ -116,10 +119,11 @@ export async function consoleRun(name: string, request: ConsoleRequest, io: Cons
     });
     io.stdin.once('end', () => send(socket, { type: 'stdin-eof' }));
   }
-  const exited = new Promise<number>((resolve, reject) => {
+  const exited = new Promise<ExecResult>((resolve, reject) => {
     let done = false;
     readMessages(socket, (message) => {
-      if (message.type === 'stdout' || message.type === 'stderr') {
+      if (message.type === 'started') io.onStarted?.(String(message.name));
+      else if (message.type === 'stdout' || message.type === 'stderr') {
         const out = message.type === 'stdout' ? io.stdout : io.stderr;
         // A slow reader of our output holds the guest back, through the supervisor.
         if (!out.write(Buffer.from(String(message.data), 'base64'))) {
@@ -129,7 +133,11 @@ export async function consoleRun(name: string, request: ConsoleRequest, io: Cons
       } else if (message.type === 'log') io.log(String(message.line));
       else if (message.type === 'exit') {
         done = true;
-        resolve(Number(message.exitCode));
+        resolve({
+          exitCode: Number(message.exitCode),
+          ...(typeof message.signal === 'string' ? { signal: message.signal as NodeJS.Signals } : {}),
+          timedOut: message.timedOut === true,
+        });
       } else if (message.type === 'error') {
         done = true;
         reject(new MvmError(String(message.message), Number(message.exitCode), Array.isArray(message.details) ? message.details.map(String) : []));

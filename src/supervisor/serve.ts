@@ -113,6 +113,7 @@ function startCommand(socket: Socket, vm: MicroVm, message: Record<string, unkno
     ...(typeof message.cwd === 'string' ? { cwd: message.cwd } : {}),
     ...(typeof message.timeout === 'number' ? { timeout: message.timeout } : {}),
     stdin: message.stdin === true,
+    onStarted: ({ name }) => send(socket, { type: 'started', name }),
     onWarning: (line) => send(socket, { type: 'log', line }),
   });
   const relay = (type: 'stdout' | 'stderr') =>

@@ -24,6 +24,7 @@ export type ClientMessage =
 
 /** Supervisor → client. */
 export type SupervisorMessage =
+  | { type: 'started'; name: string }
   | { type: 'stdout' | 'stderr'; data: string }
   | { type: 'log'; line: string }
   | { type: 'exit'; exitCode: number; signal?: string; timedOut: boolean }

@@ -11,7 +11,7 @@ import { after, describe, test } from 'node:test';
 import { MvmError } from '../../src/errors.js';
 import type { BootImage } from '../../src/vm/index.js';
 import { ExecFlag, ExitKind, type Bytes, type HostMessage } from '../../src/protocol/index.js';
-import { createExec } from '../../src/sdk/exec.js';
+import { createExec, type ExecStarted } from '../../src/sdk/exec.js';
 import type { ExecOptions } from '../../src/sdk/options.js';
 import { InvalidOptionError } from '../../src/sdk/parse.js';
 import { SPEC_ARTIFACT } from './launchplan-fixtures.js';
@@ -99,6 +99,28 @@ describe('exec() (scripted guest)', () => {
       assert.deepEqual(await handle.exited, expected);
       assert.deepEqual(lines, warnings);
     }
+  });
+
+  test('onStarted: once, when the command has started, with the VM name and timings since the call; not for a command that could not start', async () => {
+    const { exec } = scripted(commandEnds({ kind: ExitKind.EXITED, code: 0 }));
+    const seen: ExecStarted[] = [];
+    const calledAt = performance.now();
+    const handle = exec(['true'], { ...tcg, onStarted: (started) => seen.push(started) });
+    handle.stdout.resume();
+    handle.stderr.resume();
+    await handle.exited;
+    const elapsed = performance.now() - calledAt;
+    assert.equal(seen.length, 1);
+    const [{ name, timings }] = seen as [ExecStarted];
+    assert.match(name, /^exec-/);
+    assert.ok(timings.vmReadyMs! >= 0 && timings.vmReadyMs! <= timings.commandStartedMs && timings.commandStartedMs <= elapsed, JSON.stringify(timings));
+
+    const notFound = scripted(commandEnds({ kind: ExitKind.SPAWN_FAILED, code: 127, message: 'exec "nope": No such file or directory' }));
+    const missing = notFound.exec(['nope'], { ...tcg, onStarted: (started) => seen.push(started) });
+    missing.stdout.resume();
+    missing.stderr.resume();
+    assert.equal((await missing.exited).exitCode, 127);
+    assert.equal(seen.length, 1);
   });
 
   test("kill('SIGTERM') sends SIGNAL 15 to the running command; exited gives 143", async () => {
