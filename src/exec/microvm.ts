@@ -126,7 +126,7 @@ export class LiveVm {
     const staged: StagedDir[] = [];
     try {
       if (request.network) network = await openRunNetwork(request.network, owned.runDir, deps.backend, io);
-      else if (io.verbose) io.log('network: none (no NIC)');
+      else if (io.verbose) io.log('[net] none (no NIC)');
       for (const spec of request.addDirs) staged.push(await stageAddDir(spec, owned.runDir, { progress: io.progress, signal }));
       if (staged.length > 0) timings.mark('directories staged');
 

@@ -31,7 +31,7 @@ export async function openRunNetwork(plan: NetworkPlan, runDir: string, backend:
   const nic: NicSpec = { restricted: plan.outbound === 'restricted', forwards: plan.forwards, ...(proxySocket ? { proxySocket } : {}) };
   const unavailable = backend.nicUnavailable(nic);
   if (unavailable) throw new MvmError(unavailable);
-  if (io.verbose) io.log(`network: ${describeNetwork(plan)}`);
+  if (io.verbose) io.log(`[net] ${describeNetwork(plan)}`);
   const proxy = proxySocket
     ? await AllowlistProxy.start({
         socketPath: proxySocket,

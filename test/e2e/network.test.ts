@@ -78,7 +78,7 @@ describe('exec --net, --allow-host, -p', () => {
     assert.match(out, /^nameserver 10\.0\.2\.3$/m);
     assert.match(out, /^default via 10\.0\.2\.2 dev eth0/m);
     assert.match(out, new RegExp(`host-page 10\\.0\\.2\\.2:${port} /open`));
-    assert.match(result.stderr.toString(), /network: user \(outbound through the host\)/);
+    assert.match(result.stderr.toString(), /\[net\] user \(outbound through the host\)/);
     await assertNoVmLeft(stateDir);
   });
 
