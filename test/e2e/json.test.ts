@@ -6,7 +6,11 @@ import type { JsonEvent } from '../../src/cli/json-events.js';
 import { assertNoVmLeft, isolatedEnv, mvmctl, type RunResult } from './helpers.js';
 
 const { env, stateDir, cleanup } = isolatedEnv();
-after(cleanup);
+// A test that fails before its `down` would leave its VM's supervisor running after the state dir is gone.
+after(async () => {
+  await mvmctl(['down', '--all'], env);
+  cleanup();
+});
 
 before(async () => {
   const built = await mvmctl(['image', 'build'], env);

@@ -15,7 +15,9 @@ import { assertNoVmLeft, collect, isolatedEnv, mvmctl, startMvmctl, vmProcessesM
 const isolated = isolatedEnv();
 const { env, stateDir } = isolated;
 const work = mkdtempSync(join(tmpdir(), 'mvm-e2e-up-'));
-after(() => {
+// A test that fails before its `down` would leave its VM's supervisor running after the state dir is gone.
+after(async () => {
+  await mvmctl(['down', '--all'], env);
   isolated.cleanup();
   rmSync(work, { recursive: true, force: true });
 });
