@@ -3,7 +3,10 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -46,14 +49,41 @@ static int env_cmp(const void *a, const void *b)
 	return x < y ? -1 : (x > y);
 }
 
+/* HOME=... for the EXEC's user: the home /etc/passwd gives uid, or / without an entry. */
+static const char *user_home_entry(uint32_t uid, gid_t *primary_gid)
+{
+	struct passwd *pw = getpwuid((uid_t)uid);
+	const char *dir = pw && pw->pw_dir && pw->pw_dir[0] ? pw->pw_dir : "/";
+	size_t l = strlen(dir);
+	char *entry = malloc(l + 6);
+
+	*primary_gid = pw ? pw->pw_gid : (gid_t)uid;
+	if (!entry)
+		child_fail(126, "user", (const uint8_t *)"HOME", 4, ENOMEM);
+	memcpy(entry, "HOME=", 5);
+	memcpy(entry + 5, dir, l + 1);
+	return entry;
+}
+
+/* Supplementary groups first: once the uid is dropped nothing can be changed any more. */
+static void become_user(uint32_t uid, gid_t gid)
+{
+	char ids[32];
+	int n = snprintf(ids, sizeof(ids), "%u:%u", (unsigned)uid, (unsigned)gid);
+	if (setgroups(0, NULL) < 0 || setgid(gid) < 0 || setuid((uid_t)uid) < 0)
+		child_fail(126, "user", (const uint8_t *)ids, (size_t)n, errno);
+}
+
 /* In the child: build argv/env, chdir, redirect, exec. Never returns. */
 void child_exec(const struct mvm_h2g *m, int report_fd, int in_rd, int out_wr, int err_wr)
 {
 	extern char **environ;
-	static const char *base_env[] = {
+	const char *base_env[] = {
 		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 		"HOME=/root",
 	};
+	const int as_user = (m->u.exec.flags & MVM_EXEC_F_USER) != 0;
+	gid_t gid = (gid_t)m->u.exec.gid, primary_gid = 0;
 	const uint32_t argc = m->u.exec.argc, envc = m->u.exec.envc;
 	const size_t nbase = sizeof(base_env) / sizeof(base_env[0]);
 	size_t nenv = nbase + envc, i, j;
@@ -70,8 +100,13 @@ void child_exec(const struct mvm_h2g *m, int report_fd, int in_rd, int out_wr, i
 	sigemptyset(&set);
 	sigprocmask(SIG_SETMASK, &set, NULL);
 
+	if (as_user) {
+		base_env[1] = user_home_entry(m->u.exec.uid, &primary_gid);
+		if (m->u.exec.gid == MVM_GID_OF_USER)
+			gid = primary_gid;
+	}
 	/* strings: cwd, base env, argv, env, each NUL terminated */
-	sb = malloc(m->u.exec.strbytes + 1 + argc + envc + 256);
+	sb = malloc(m->u.exec.strbytes + 1 + argc + envc + 256 + strlen(base_env[1]));
 	argv = malloc(sizeof(char *) * ((size_t)argc + 1));
 	envp = malloc(sizeof(char *) * (nenv + 1));
 	sorted = malloc(sizeof(size_t) * (nenv + 1));
@@ -126,6 +161,10 @@ void child_exec(const struct mvm_h2g *m, int report_fd, int in_rd, int out_wr, i
 		if (mkdir_p(cwd) < 0)
 			child_fail(126, "mkdir", (const uint8_t *)cwd, strlen(cwd), errno);
 	}
+	/* after mkdir, which runs as root as a container's WORKDIR does; before chdir, so a cwd the
+	 * user may not enter fails here rather than leaving the command inside it */
+	if (as_user)
+		become_user(m->u.exec.uid, gid);
 	if (chdir(cwd) < 0)
 		child_fail(126, "chdir", (const uint8_t *)cwd, strlen(cwd), errno);
 

@@ -160,6 +160,9 @@ int mvm_parse_h2g(uint8_t type, const uint8_t *payload, uint32_t len, struct mvm
 		if (rd_u32(&r, &m->u.exec.envc) ||
 		    rd_str_list(&r, m->u.exec.envc, &m->u.exec.env, &total))
 			return -1;
+		if ((m->u.exec.flags & MVM_EXEC_F_USER) &&
+		    (rd_u32(&r, &m->u.exec.uid) || rd_u32(&r, &m->u.exec.gid)))
+			return -1;
 		m->u.exec.strbytes = total;
 		break;
 	}
@@ -219,6 +222,8 @@ const char *mvm_validate_h2g(const struct mvm_h2g *m)
 			return "EXEC: NUL byte in argv";
 		if (list_has_nul(m->u.exec.env, m->u.exec.envc))
 			return "EXEC: NUL byte in env";
+		if ((m->u.exec.flags & MVM_EXEC_F_USER) && m->u.exec.uid == 0xffffffffu)
+			return "EXEC: uid 4294967295 is not a user";
 		break;
 	case MVM_H_SIGNAL:
 		if (m->u.signal.signo < 1 || m->u.signal.signo > 64)

@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 #define MVM_PROTO_VERSION 1
-#define MVM_AGENT_VERSION "mvm-agent 0.1.0"
+#define MVM_AGENT_VERSION "mvm-agent 0.2.0"
 #define MVM_AGENT_VSOCK_PORT 5252
 
 #define MVM_HDR_LEN 5u
@@ -46,13 +46,18 @@ enum {
 	MVM_CAP_MOUNT = 1u << 1,
 	MVM_CAP_POWEROFF = 1u << 2,
 	MVM_CAP_TIME_ENTROPY = 1u << 3,
+	MVM_CAP_USER = 1u << 5,
 };
 
 enum {
 	MVM_EXEC_F_STDIN = 1u << 0,
 	MVM_EXEC_F_MKDIR_CWD = 1u << 1,
-	MVM_EXEC_F_ALL = MVM_EXEC_F_STDIN | MVM_EXEC_F_MKDIR_CWD,
+	MVM_EXEC_F_USER = 1u << 3,
+	MVM_EXEC_F_ALL = MVM_EXEC_F_STDIN | MVM_EXEC_F_MKDIR_CWD | MVM_EXEC_F_USER,
 };
+
+/* EXEC's gid asking for the uid's primary group from /etc/passwd (the uid itself without an entry) */
+#define MVM_GID_OF_USER 0xffffffffu
 
 enum {
 	MVM_MOUNT_F_RDONLY = 1u << 0,
@@ -103,6 +108,7 @@ struct mvm_h2g {
 			uint32_t envc;
 			const uint8_t *env; /* envc encoded strings */
 			size_t strbytes;    /* sum of cwd/argv/env string lengths */
+			uint32_t uid, gid;  /* with MVM_EXEC_F_USER */
 		} exec;
 		struct {
 			const uint8_t *data;

@@ -146,7 +146,7 @@ static uint32_t capabilities(void)
 {
 	uint32_t c = MVM_CAP_MOUNT | MVM_CAP_POWEROFF;
 	if (MVM_DEV_SHELL)
-		c |= MVM_CAP_EXEC;
+		c |= MVM_CAP_EXEC | MVM_CAP_USER;
 	if (g_guest_mode)
 		c |= MVM_CAP_TIME_ENTROPY;
 	return c;

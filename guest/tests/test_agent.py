@@ -6,6 +6,7 @@ Prints one line per failure and a final line "N passed, M failed" (N includes --
 """
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -38,9 +39,17 @@ def hello(version=1, t=0, ent=b""):
     return frame(HELLO, struct.pack(">HQH", version, t, len(ent)) + ent)
 
 
-def exec_frame(argv, env=(), cwd=b"", flags=0, timeout=0):
+F_USER = 8
+GID_OF_USER = 0xFFFFFFFF
+
+
+def exec_frame(argv, env=(), cwd=b"", flags=0, timeout=0, user=None):
+    if user is not None:
+        flags |= F_USER
     p = struct.pack(">II", timeout, flags) + s(cwd) + struct.pack(">I", len(argv))
     p += b"".join(s(a) for a in argv) + struct.pack(">I", len(env)) + b"".join(s(e) for e in env)
+    if user is not None:
+        p += struct.pack(">II", *user)
     return frame(EXEC, p)
 
 
@@ -97,7 +106,7 @@ class Conn:
         t, p = self.recv()
         assert t == G_HELLO, (t, p)
         ver, caps, n = struct.unpack(">HII", p[:10])
-        assert ver == 1 and p[10:] == b"mvm-agent 0.1.0" and n == 15, p
+        assert ver == 1 and p[10:] == b"mvm-agent 0.2.0" and n == 15, p
         return caps
 
     def close(self):
@@ -244,8 +253,8 @@ def test(fn):
 def t_hello_caps(a, n):
     c = a.conn(do_hello=False)
     caps = c.hello()
-    assert caps == 0x7, hex(caps)  # EXEC|MOUNT|POWEROFF, no TIME_ENTROPY natively
-    assert c.hello() == 0x7  # a second HELLO is answered again
+    assert caps == 0x27, hex(caps)  # EXEC|MOUNT|POWEROFF|USER, no TIME_ENTROPY natively
+    assert c.hello() == 0x27  # a second HELLO is answered again
     c.close()
     c = n.conn(do_hello=False)
     assert c.hello() == 0x6, "nodev must lack EXEC"
@@ -350,6 +359,33 @@ def t_cwd_env(a, n):
     assert r.out == "1 é\n".encode(), r.out
     r = run(c, ["printf", "[%s]", ""])
     assert r.out == b"[]", r.out
+    c.close()
+
+
+@test
+def t_user(a, n):
+    if os.getuid() != 0:
+        return  # dropping to another user needs root
+    c = a.conn()
+    d = tempfile.mkdtemp(prefix="mvm-user-", dir="/tmp")  # the suite's own tmpdir is 0700
+    os.chmod(d, 0o755)
+    sub = os.path.join(d, "made")
+    r = run(c, ["sh", "-c", 'id -u; id -g; id -G; echo "$HOME"; pwd'], cwd=sub.encode(), flags=F_MKDIR,
+            user=(65534, 65533))
+    assert r.exit == (0, 0, b""), vars(r)
+    assert r.out.decode().split("\n")[:4] == ["65534", "65533", "65533", "/nonexistent"] or \
+        r.out.decode().split("\n")[:3] == ["65534", "65533", "65533"], r.out
+    assert os.stat(sub).st_uid == 0  # the cwd was made as root, before the switch
+    # no passwd entry: HOME is /, and the primary group is the uid's own number
+    r = run(c, ["sh", "-c", 'id -u; id -g; echo "$HOME"'], user=(4242, GID_OF_USER))
+    assert r.out == b"4242\n4242\n/\n", r.out
+    r = run(c, ["sh", "-c", 'id -g'], user=(0, GID_OF_USER))
+    assert r.out == b"0\n", r.out
+    # a cwd the user may not enter is a start failure, not a command left in it
+    os.chmod(d, 0o700)
+    r = run(c, ["true"], cwd=sub.encode(), user=(4242, 4242))
+    assert r.exit[0] == 3 and r.exit[1] == 126 and b"Permission denied" in r.exit[2], r.exit
+    shutil.rmtree(d)
     c.close()
 
 
@@ -567,7 +603,9 @@ def t_bad_request(a, n):
     expect_error(c, E_BAD_REQUEST, 0)
     c.send(frame(SIGNAL, bytes([65])))
     expect_error(c, E_BAD_REQUEST, 0)
-    c.send(exec_frame([b"true"], flags=4))
+    c.send(exec_frame([b"true"], flags=1 << 8))
+    expect_error(c, E_BAD_REQUEST, 0)
+    c.send(exec_frame([b"true"], user=(0xFFFFFFFF, 0)))
     expect_error(c, E_BAD_REQUEST, 0)
     c.send(exec_frame([b"tr\0ue"]))
     expect_error(c, E_BAD_REQUEST, 0)

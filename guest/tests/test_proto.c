@@ -178,6 +178,13 @@ static void check_h2g_fields(const struct vec *v, const struct mvm_h2g *m)
 		check(m->type == MVM_H_EXEC && list_eq(m->u.exec.argv, m->u.exec.argc, argv, 2) &&
 			      m->u.exec.envc == 0,
 		      "%s: fields", nm);
+	} else if (!strcmp(nm, "exec_user")) {
+		check(m->type == MVM_H_EXEC && m->u.exec.flags == MVM_EXEC_F_USER &&
+			      str_eq(m->u.exec.cwd, "/tmp") && m->u.exec.uid == 1000 && m->u.exec.gid == 100,
+		      "%s: fields", nm);
+	} else if (!strcmp(nm, "exec_user_primary_gid")) {
+		check(m->type == MVM_H_EXEC && m->u.exec.uid == 65534 && m->u.exec.gid == MVM_GID_OF_USER,
+		      "%s: fields", nm);
 	} else if (!strcmp(nm, "stdin")) {
 		check(m->type == MVM_H_STDIN && m->u.stdin_data.len == 4 &&
 			      memcmp(m->u.stdin_data.data, "abc\n", 4) == 0,
@@ -308,9 +315,9 @@ static void test_units(void)
 	buf[0] = 65;
 	check(mvm_parse_h2g(MVM_H_SIGNAL, buf, 1, &m) == 0 && mvm_validate_h2g(&m) != NULL,
 	      "signal 65 refused");
-	/* EXEC flags=4 */
+	/* EXEC with a flag bit no version defines */
 	memset(buf, 0, sizeof(buf));
-	mvm_put_u32(buf + 4, 4);
+	mvm_put_u32(buf + 4, 1u << 8);
 	mvm_put_u32(buf + 12, 1);
 	mvm_put_u32(buf + 16, 1);
 	buf[20] = 'x';
@@ -324,6 +331,16 @@ static void test_units(void)
 	      "exec NUL in argv refused");
 	check(mvm_parse_h2g(MVM_H_EXEC, buf, 24, &m) < 0, "exec truncated rejected");
 	check(mvm_parse_h2g(MVM_H_EXEC, buf, 26, &m) < 0, "exec trailing rejected");
+	/* USER with uid (uid_t)-1, which setuid would take as "leave unchanged" */
+	buf[20] = 'x';
+	mvm_put_u32(buf + 4, MVM_EXEC_F_USER);
+	mvm_put_u32(buf + 25, 0xffffffffu);
+	mvm_put_u32(buf + 29, 0);
+	check(mvm_parse_h2g(MVM_H_EXEC, buf, 33, &m) == 0 && mvm_validate_h2g(&m) != NULL,
+	      "exec uid -1 refused");
+	mvm_put_u32(buf + 25, 1000);
+	check(mvm_parse_h2g(MVM_H_EXEC, buf, 33, &m) == 0 && mvm_validate_h2g(&m) == NULL,
+	      "exec uid 1000 ok");
 
 	/* message formatting and truncation */
 	n = mvm_fmt_start_error(msg, sizeof(msg), "exec", (const uint8_t *)"nope", 4, ENOENT);
@@ -464,6 +481,9 @@ static int walk_ok(const struct mvm_h2g *m, const uint8_t *base, size_t plen)
 			return 0;
 		total += s.len;
 	}
+	/* the fields flags append follow the strings */
+	if (m->u.exec.flags & MVM_EXEC_F_USER)
+		cur += 8;
 	return total == m->u.exec.strbytes && cur == base + plen;
 }
 

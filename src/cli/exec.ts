@@ -5,7 +5,7 @@ import { progressReporter } from '../progress.js';
 import { exec, type ExecResult } from '../sdk/exec.js';
 import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js';
 import { commandOutput, type CommandOutput } from './command-output.js';
-import { collect, logLine, parseGuestDir, parseIntegerIn } from './parse.js';
+import { collect, logLine, parseGuestDir, parseIntegerIn, parseUserFlag, USER_FLAG_HELP } from './parse.js';
 import { runInterruptibly } from './signals.js';
 import { addVmFlags, vmOptionsFromFlags, type VmFlags } from './vm-flags.js';
 
@@ -14,6 +14,7 @@ interface ExecFlags extends VmFlags {
   env: string[];
   envFile: string[];
   workdir?: string;
+  user?: string;
   interactive?: boolean;
   verbose?: boolean;
   launchPlan?: string;
@@ -29,6 +30,7 @@ export function execCommand(): Command {
     .option('-e, --env <KEY[=VALUE]>', 'set an environment variable in the guest; KEY alone: its value here, if set (repeatable)', collect, [])
     .option('--env-file <FILE>', 'KEY=VALUE lines (docker run format) for the guest environment; -e wins (repeatable)', collect, [])
     .option('-w, --workdir <DIR>', 'run the command in this absolute guest directory, created if missing', parseGuestDir)
+    .option('-u, --user <UID[:GID]>', USER_FLAG_HELP, parseUserFlag)
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
     .option('-v, --verbose', 'show the guest console and timings on stderr')
     .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
@@ -53,6 +55,7 @@ async function run(argv: string[], flags: ExecFlags, output: CommandOutput, sign
     env,
     envFiles: flags.envFile,
     ...(flags.workdir === undefined ? {} : { cwd: flags.workdir, createCwd: true }),
+    ...(flags.user === undefined ? {} : { user: flags.user }),
     timeout: flags.timeout,
     launchPlan: flags.launchPlan,
     stdin: flags.interactive,

@@ -1,6 +1,6 @@
 import { InvalidArgumentError, Option } from 'commander';
 import { ACCEL_CHOICES } from '../accel/index.js';
-import { checkGuestString, integerIn, InvalidOptionError, parseMemory as memoryMiB } from '../sdk/parse.js';
+import { checkGuestString, integerIn, InvalidOptionError, parseMemory as memoryMiB, parseUser } from '../sdk/parse.js';
 
 export { bootTimeoutFromEnv } from '../sdk/parse.js';
 
@@ -28,6 +28,15 @@ export const parseGuestDir = asFlagParser((value) => {
   checkGuestString('value', value, { absolute: true });
   return value;
 });
+
+/** `-u/--user`: checked here, passed on as written. */
+export const parseUserFlag = asFlagParser((value) => {
+  parseUser(value, 'value');
+  return value;
+});
+
+/** `-u/--user`, as exec and console take it. */
+export const USER_FLAG_HELP = "run the command as UID[:GID] (numeric; without GID, the user's group in the guest's /etc/passwd, else GID = UID)";
 
 export function collect(value: string, previous: string[]): string[] {
   return [...previous, value];

@@ -9,7 +9,7 @@ import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js'
 import { consoleRun, startSupervised } from '../supervisor/client.js';
 import { supervise, type SupervisedOptions } from '../supervisor/serve.js';
 import { commandOutput, type CommandOutput } from './command-output.js';
-import { collect, logLine, parseIntegerIn } from './parse.js';
+import { collect, logLine, parseIntegerIn, parseUserFlag, USER_FLAG_HELP } from './parse.js';
 import { Interrupted, runInterruptibly } from './signals.js';
 import { addVmFlags, vmOptionsFromFlags, type VmFlags } from './vm-flags.js';
 
@@ -41,6 +41,7 @@ interface ConsoleFlags {
   command?: string;
   env: string[];
   interactive?: boolean;
+  user?: string;
   timeout: number;
   json?: boolean;
 }
@@ -54,6 +55,7 @@ export function consoleCommand(): Command {
     .option('--command <shell command>', 'run this with /bin/sh -c')
     .option('-e, --env <KEY=VALUE>', 'set an environment variable for the command (repeatable)', collect, [])
     .option('-i, --interactive', 'forward stdin to the command (otherwise its stdin is /dev/null)')
+    .option('-u, --user <UID[:GID]>', USER_FLAG_HELP, parseUserFlag)
     .option('--timeout <seconds>', 'kill the command (exit 124) after this many seconds', parseIntegerIn(TIMEOUT_SECONDS_RANGE.min, TIMEOUT_SECONDS_RANGE.max), DEFAULT_TIMEOUT_SECONDS)
     .option('--json', 'newline-delimited JSON events on stdout (started, stdout, stderr, exit or error; docs/json-events.md) instead of the raw output')
     .action(async (name: string, argv: string[], flags: ConsoleFlags) => {
@@ -74,6 +76,7 @@ async function runConsole(name: string, argv: string[], flags: ConsoleFlags, out
       {
         argv: flags.command !== undefined ? ['/bin/sh', '-c', flags.command] : argv,
         env: envFromAssignments(flags.env),
+        ...(flags.user === undefined ? {} : { user: flags.user }),
         timeout: flags.timeout,
         interactive: flags.interactive ?? false,
       },

@@ -4,7 +4,7 @@ import { finished } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { RunningVm } from '../backends/types.js';
 import { MvmError } from '../errors.js';
-import { AgentConnectionError, type AgentSession, type ExecHandle, type ExitStatus } from '../protocol/index.js';
+import { AgentConnectionError, type AgentSession, type ExecHandle, type ExecUser, type ExitStatus } from '../protocol/index.js';
 
 export interface CommandRequest {
   argv: string[];
@@ -13,6 +13,8 @@ export interface CommandRequest {
   cwd?: string;
   /** Create `cwd` in the guest when it is missing (launch plans' working_dir). */
   createCwd?: boolean;
+  /** Who the command runs as; root when absent. */
+  user?: ExecUser;
   timeoutSeconds: number;
   /** Forward `io.stdin` to the command; otherwise its stdin is /dev/null. */
   interactive: boolean;
@@ -51,6 +53,7 @@ export async function runCommand(
     env: request.env,
     cwd: request.cwd,
     mkdirCwd: request.createCwd,
+    ...(request.user ? { user: request.user } : {}),
     timeoutMs: request.timeoutSeconds * 1000,
     stdin: request.interactive,
     signal,

@@ -1,5 +1,6 @@
 import {
   AgentType,
+  ExecFlag,
   ExitKind,
   HEADER_SIZE,
   HostType,
@@ -22,6 +23,8 @@ export type HostMessage =
       cwd: Bytes;
       argv: readonly Bytes[];
       env: readonly Bytes[];
+      /** Sent, with the USER flag set, when present. */
+      user?: ExecUser;
     }
   | { type: 'stdin'; data: Uint8Array }
   | { type: 'stdinEof' }
@@ -30,6 +33,12 @@ export type HostMessage =
   | { type: 'unmount'; mountpoint: Bytes }
   | { type: 'sync' }
   | { type: 'poweroff' };
+
+/** Who an EXEC runs as; `gid` may be GID_OF_USER. */
+export interface ExecUser {
+  uid: number;
+  gid: number;
+}
 
 /** Agent to host. The agent's strings are human text and are decoded as UTF-8. */
 export type AgentMessage =
@@ -136,15 +145,22 @@ export function encodeFrame(msg: HostMessage): Buffer {
     case 'exec': {
       checkUint(msg.timeoutMs, 0xffffffff, 'EXEC timeout_ms');
       checkUint(msg.flags, 0xffffffff, 'EXEC flags');
+      if ((msg.flags & ExecFlag.USER) !== 0 && !msg.user) throw new InvalidRequestError('EXEC flag USER needs the user field');
+      if (msg.user) {
+        checkUint(msg.user.uid, 0xfffffffe, 'EXEC uid');
+        checkUint(msg.user.gid, 0xffffffff, 'EXEC gid');
+      }
       if (msg.argv.length === 0) throw new InvalidRequestError('EXEC needs at least one argv element');
       const cwd = bytesOf(msg.cwd, 'cwd');
       const argv = msg.argv.map((a, i) => bytesOf(a, `argv[${i}]`));
       const env = msg.env.map((e, i) => bytesOf(e, `env[${i}]`));
-      const w = new Writer(HostType.EXEC, 4 + 4 + 4 + cwd.length + 4 + stringsSize(argv) + 4 + stringsSize(env));
-      w.u32(msg.timeoutMs).u32(msg.flags).string(cwd).u32(argv.length);
+      const userSize = msg.user ? 8 : 0;
+      const w = new Writer(HostType.EXEC, 4 + 4 + 4 + cwd.length + 4 + stringsSize(argv) + 4 + stringsSize(env) + userSize);
+      w.u32(msg.timeoutMs).u32(msg.flags | (msg.user ? ExecFlag.USER : 0)).string(cwd).u32(argv.length);
       for (const a of argv) w.string(a);
       w.u32(env.length);
       for (const e of env) w.string(e);
+      if (msg.user) w.u32(msg.user.uid).u32(msg.user.gid);
       return w.done();
     }
     case 'stdin':
@@ -345,7 +361,8 @@ const hostDirection: Direction<HostMessage> = {
         const argv = Array.from({ length: argc }, () => r.string());
         const envc = r.count('envc');
         const env = Array.from({ length: envc }, () => r.string());
-        return r.end({ type: 'exec', timeoutMs, flags, cwd, argv, env });
+        const user = (flags & ExecFlag.USER) !== 0 ? { uid: r.u32(), gid: r.u32() } : undefined;
+        return r.end({ type: 'exec', timeoutMs, flags, cwd, argv, env, ...(user ? { user } : {}) });
       }
       case HostType.STDIN:
         return { type: 'stdin', data: payload };

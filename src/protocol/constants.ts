@@ -46,12 +46,17 @@ export const Capability = {
   MOUNT: 1 << 1,
   POWEROFF: 1 << 2,
   TIME_ENTROPY: 1 << 3,
+  USER: 1 << 5,
 } as const;
 
 export const ExecFlag = {
   STDIN: 1 << 0,
   MKDIR_CWD: 1 << 1,
+  USER: 1 << 3,
 } as const;
+
+/** EXEC's `gid` that asks for the uid's primary group from the guest's /etc/passwd (the uid itself without an entry). */
+export const GID_OF_USER = 0xffff_ffff;
 
 export const MountFlag = {
   READ_ONLY: 1 << 0,

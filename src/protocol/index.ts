@@ -9,6 +9,7 @@ export {
   type AgentMessage,
   type Bytes,
   type Direction,
+  type ExecUser,
   type HostMessage,
 } from './codec.js';
 export {

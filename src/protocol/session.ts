@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { Readable, Writable, type Duplex } from 'node:stream';
 import {
+  Capability,
   ErrorCode,
   EXIT_TIMED_OUT,
   ExecFlag,
@@ -12,7 +13,7 @@ import {
   PROTOCOL_VERSION,
   STDIN_WINDOW,
 } from './constants.js';
-import { encodeFrame, FrameDecoder, type AgentMessage, type HostMessage } from './codec.js';
+import { encodeFrame, FrameDecoder, type AgentMessage, type ExecUser, type HostMessage } from './codec.js';
 import {
   AgentConnectionError,
   AgentTimeoutError,
@@ -81,6 +82,8 @@ export interface ExecOptions {
   stdin?: boolean;
   /** Create `cwd` and its parents if missing. */
   mkdirCwd?: boolean;
+  /** Run as this user (`gid` may be GID_OF_USER); needs the agent's USER capability. Default: root. */
+  user?: ExecUser;
   /** Aborting it ends the whole session, which kills the command. */
   signal?: AbortSignal;
 }
@@ -282,7 +285,7 @@ export class AgentSession {
     return session;
   }
 
-  /** The agent's self-description from its HELLO, e.g. `mvm-agent 0.1.0`. */
+  /** The agent's self-description from its HELLO, e.g. `mvm-agent 0.2.0`. */
   get agentVersion(): string {
     return this.hello!.agentVersion;
   }
@@ -304,12 +307,16 @@ export class AgentSession {
   async exec(options: ExecOptions): Promise<ExecHandle> {
     this.checkOpen();
     if (this.execBusy) throw new InvalidRequestError('a command is already running in this guest agent session');
+    if (options.user && !this.hasCapability(Capability.USER)) {
+      throw new InvalidRequestError(`this image's agent (${this.agentVersion}) cannot run a command as another user; rebuild the image or template`);
+    }
     const frame = encodeFrame({
       type: 'exec',
       timeoutMs: options.timeoutMs === undefined ? 0 : Math.ceil(options.timeoutMs),
       flags: (options.stdin ? ExecFlag.STDIN : 0) | (options.mkdirCwd ? ExecFlag.MKDIR_CWD : 0),
       cwd: options.cwd ?? '',
       argv: options.argv,
+      ...(options.user ? { user: options.user } : {}),
       env: Object.entries(options.env ?? {}).map(([key, value]) => {
         if (key === '' || key.includes('=')) throw new InvalidRequestError(`invalid environment variable name ${JSON.stringify(key)}`);
         return `${key}=${value}`;

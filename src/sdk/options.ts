@@ -16,7 +16,7 @@ import { planNetwork, type NetMode } from '../net/spec.js';
 import { checkVmName } from '../state/registry.js';
 import { openTemplate, templateBootImage } from '../templates/index.js';
 import type { ExecStarted } from './exec.js';
-import { bootTimeoutFromEnv, checkGuestString, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, TIMEOUT_SECONDS_RANGE } from './parse.js';
+import { bootTimeoutFromEnv, checkGuestString, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, parseUser, TIMEOUT_SECONDS_RANGE, type UserSpec } from './parse.js';
 
 /** A host directory in the guest: `'HOST:GUEST[:ro|rw]'` as `--add-dir` takes it, or its parts. ro is the default. */
 export type AddDir = string | { host: string; guest: string; mode?: 'ro' | 'rw' };
@@ -33,6 +33,11 @@ export interface ExecOptions {
   cwd?: string;
   /** Create the working directory (and its parents) when missing, as docker run's `-w` does; default: only for a launch plan's `working_dir`. */
   createCwd?: boolean;
+  /**
+   * Run the command as this user: `'UID[:GID]'`, a UID, or `{ uid, gid }` (default root). Without a
+   * GID, the user's primary group in the guest's /etc/passwd, or the UID's own number.
+   */
+  user?: UserSpec;
   /** Virtual CPUs, 1–64 (default 2, or the template's). */
   cpus?: number;
   /** Guest memory: `'1G'`, `'768M'`, or a number of MiB (default 512, or the template's). */
@@ -98,7 +103,7 @@ export type VmOptions = Pick<
 };
 
 /** What a command is: the options `vm.exec` takes. */
-export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'createCwd' | 'timeout' | 'stdin' | 'signal' | 'onStarted' | 'onWarning'>;
+export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'createCwd' | 'user' | 'timeout' | 'stdin' | 'signal' | 'onStarted' | 'onWarning'>;
 
 export interface ResolvedVm {
   request: Omit<VmRequest, 'label'>;
@@ -145,6 +150,7 @@ export function resolveCommand(argv: readonly string[], options: CommandOptions,
     env,
     ...(options.cwd !== undefined ? { cwd: options.cwd } : {}),
     ...(options.createCwd ? { createCwd: true } : {}),
+    ...(options.user !== undefined ? { user: parseUser(options.user, 'user') } : {}),
     timeoutSeconds,
     interactive: options.stdin ?? false,
   };

@@ -3,6 +3,7 @@
  * flags (src/cli/parse.ts, which turns InvalidOptionError into commander's own usage error).
  */
 import { MvmError } from '../errors.js';
+import { GID_OF_USER, type ExecUser } from '../protocol/index.js';
 
 /** An option (or flag) whose value cannot be used; nothing was started. Exit code 125. */
 export class InvalidOptionError extends MvmError {
@@ -52,6 +53,27 @@ export function integerIn(value: string | number, range: { min: number; max: num
   const number = Number(value);
   if (number < range.min || number > range.max) throw new InvalidOptionError(option, `'${value}' is not between ${range.min} and ${range.max}`);
   return number;
+}
+
+/** Who a command runs as: `'UID[:GID]'` as `-u` takes it, a UID, or both ids. */
+export type UserSpec = string | number | { uid: number; gid?: number };
+
+/** uid_t's largest value is (uid_t)-1, which setuid(2) takes as "leave unchanged". */
+const ID_RANGE = { min: 0, max: 0xffff_fffe } as const;
+
+/**
+ * Numeric ids only: names would be looked up in the guest's /etc/passwd, which is guest data. Without a
+ * GID the guest agent takes the user's primary group from /etc/passwd, or the UID's own number,
+ * never root's group 0 as docker does for a user it cannot find.
+ */
+export function parseUser(value: UserSpec, option: string): ExecUser {
+  if (typeof value === 'object' && value !== null) {
+    return { uid: integerIn(value.uid, ID_RANGE, `${option}.uid`), gid: value.gid === undefined ? GID_OF_USER : integerIn(value.gid, ID_RANGE, `${option}.gid`) };
+  }
+  const text = String(value).trim();
+  const match = /^(\d+)(?::(\d+))?$/.exec(text);
+  if (!match) throw new InvalidOptionError(option, `'${value}' is not UID[:GID] (numeric ids; names are not looked up)`);
+  return { uid: integerIn(match[1]!, ID_RANGE, option), gid: match[2] === undefined ? GID_OF_USER : integerIn(match[2], ID_RANGE, option) };
 }
 
 /** Strings travel to the guest agent as C strings: a NUL would be refused only once the VM is up. */

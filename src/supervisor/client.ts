@@ -84,6 +84,8 @@ export interface ConsoleRequest {
   argv: string[];
   env: Record<string, string>;
   cwd?: string;
+  /** `UID[:GID]`, as `-u` takes it. */
+  user?: string;
   timeout: number;
   interactive: boolean;
 }
@@ -109,7 +111,7 @@ export interface ConsoleRun {
 /** Runs a command in the VM `name` through its supervisor, streaming as `exec` does. */
 export async function consoleRun(name: string, request: ConsoleRequest, io: ConsoleIo): Promise<ConsoleRun> {
   const socket = await connectControl(name);
-  send(socket, { type: 'exec', argv: request.argv, env: request.env, ...(request.cwd ? { cwd: request.cwd } : {}), timeout: request.timeout, stdin: request.interactive });
+  send(socket, { type: 'exec', argv: request.argv, env: request.env, ...(request.cwd ? { cwd: request.cwd } : {}), ...(request.user !== undefined ? { user: request.user } : {}), timeout: request.timeout, stdin: request.interactive });
   if (request.interactive) {
     io.stdin.on('data', (chunk: Buffer) => {
       if (!send(socket, { type: 'stdin', data: chunk.toString('base64') })) {

@@ -112,6 +112,7 @@ function startCommand(socket: Socket, vm: MicroVm, message: Record<string, unkno
     env: (message.env ?? {}) as Record<string, string>,
     ...(typeof message.cwd === 'string' ? { cwd: message.cwd } : {}),
     ...(typeof message.timeout === 'number' ? { timeout: message.timeout } : {}),
+    ...(typeof message.user === 'string' ? { user: message.user } : {}),
     stdin: message.stdin === true,
     onStarted: ({ name }) => send(socket, { type: 'started', name }),
     onWarning: (line) => send(socket, { type: 'log', line }),

@@ -16,7 +16,7 @@ export function controlSocketPath(runDir: string): string {
 
 /** Client → supervisor. */
 export type ClientMessage =
-  | { type: 'exec'; argv: string[]; env: Record<string, string>; cwd?: string; timeout: number; stdin: boolean }
+  | { type: 'exec'; argv: string[]; env: Record<string, string>; cwd?: string; user?: string; timeout: number; stdin: boolean }
   | { type: 'stdin'; data: string }
   | { type: 'stdin-eof' }
   | { type: 'signal'; signal: number }

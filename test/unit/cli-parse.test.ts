@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { InvalidArgumentError } from 'commander';
-import { bootTimeoutFromEnv, parseGuestDir, parseIntegerIn, parseMemory } from '../../src/cli/parse.js';
+import { bootTimeoutFromEnv, parseGuestDir, parseIntegerIn, parseMemory, parseUserFlag } from '../../src/cli/parse.js';
+import { GID_OF_USER } from '../../src/protocol/index.js';
+import { parseUser } from '../../src/sdk/parse.js';
 import { MvmError } from '../../src/errors.js';
 import { ConsoleBuffer } from '../../src/backends/console.js';
 import { parseEnvAssignment, parseEnvFile } from '../../src/launchplan/env.js';
@@ -39,6 +41,26 @@ test('integer options are whole numbers within their range', () => {
   const cpus = parseIntegerIn(1, 64);
   assert.equal(cpus('4'), 4);
   for (const bad of ['0', '65', '1.5', 'two', '-1', '']) assert.throws(() => cpus(bad), InvalidArgumentError, bad);
+});
+
+describe('-u/--user UID[:GID]', () => {
+  test('numeric ids; without a GID the guest picks the group', () => {
+    assert.deepEqual(parseUser('1000', 'user'), { uid: 1000, gid: GID_OF_USER });
+    assert.deepEqual(parseUser('1000:100', 'user'), { uid: 1000, gid: 100 });
+    assert.deepEqual(parseUser(0, 'user'), { uid: 0, gid: GID_OF_USER });
+    assert.deepEqual(parseUser({ uid: 7, gid: 8 }, 'user'), { uid: 7, gid: 8 });
+    assert.deepEqual(parseUser({ uid: 7 }, 'user'), { uid: 7, gid: GID_OF_USER });
+    assert.equal(parseUserFlag('1000:1000'), '1000:1000');
+  });
+
+  test('names, negative ids, (uid_t)-1 and junk are refused with one line', () => {
+    refused(() => parseUser('nobody', 'user'), "user: 'nobody' is not UID[:GID] (numeric ids; names are not looked up)");
+    refused(() => parseUser('4294967295', 'user'), "user: '4294967295' is not between 0 and 4294967294");
+    refused(() => parseUser({ uid: -1 }, 'user'), "user.uid: '-1' is not between 0 and 4294967294");
+    for (const bad of ['', ':', '1000:', ':1000', '1:2:3', '1000:staff', '-5', '1e3']) {
+      assert.throws(() => parseUserFlag(bad), InvalidArgumentError, bad);
+    }
+  });
 });
 
 describe('guest console buffer', () => {

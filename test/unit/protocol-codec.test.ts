@@ -42,6 +42,8 @@ const hostMessages: Record<string, HostMessage> = {
   exec_simple: { type: 'exec', timeoutMs: 0, flags: 0, cwd: '', argv: ['true'], env: [] },
   exec_full: { type: 'exec', timeoutMs: 3000, flags: 3, cwd: '/app', argv: ['sh', '-c', 'echo "$X" é'], env: ['X=1', 'EMPTY='] },
   exec_empty_arg: { type: 'exec', timeoutMs: 0, flags: 0, cwd: '', argv: ['printf', ''], env: [] },
+  exec_user: { type: 'exec', timeoutMs: 0, flags: 8, cwd: '/tmp', argv: ['id'], env: [], user: { uid: 1000, gid: 100 } },
+  exec_user_primary_gid: { type: 'exec', timeoutMs: 0, flags: 8, cwd: '', argv: ['id'], env: [], user: { uid: 65534, gid: 0xffffffff } },
   stdin: { type: 'stdin', data: b('abc\n') },
   stdin_eof: { type: 'stdinEof' },
   signal_term: { type: 'signal', signo: 15 },

@@ -16,8 +16,10 @@ import {
   AgentVersionError,
   Capability,
   encodeAgentFrame,
+  ExecFlag,
   ExecUnavailableError,
   exitStatusToCode,
+  GID_OF_USER,
   HostFrameDecoder,
   InvalidRequestError,
   MAX_DATA,
@@ -128,10 +130,10 @@ describe('AgentSession handshake', () => {
     assert.equal(hello.version, 1);
     assert.equal(hello.entropy.byteLength, 32);
     assert.ok(Math.abs(Number(hello.hostTimeNs / 1_000_000n) - Date.now()) < 5000);
-    agent.send({ type: 'hello', version: 1, capabilities: Capability.EXEC | Capability.TIME_ENTROPY, agentVersion: 'mvm-agent 0.1.0' });
+    agent.send({ type: 'hello', version: 1, capabilities: Capability.EXEC | Capability.TIME_ENTROPY, agentVersion: 'mvm-agent 0.2.0' });
     const session = await connecting;
     cleanup.push(() => session.close());
-    assert.equal(session.agentVersion, 'mvm-agent 0.1.0');
+    assert.equal(session.agentVersion, 'mvm-agent 0.2.0');
     assert.equal(session.capabilities, 9);
     assert.ok(session.hasCapability(Capability.EXEC));
     assert.ok(!session.hasCapability(Capability.MOUNT));
@@ -198,6 +200,29 @@ describe('AgentSession handshake', () => {
 });
 
 describe('AgentSession exec', () => {
+  it('sends the user with the USER flag to an agent that has the capability, and refuses it to one that has not', async () => {
+    const [host, agentSocket] = await socketPair();
+    const agent = new FakeAgent(agentSocket);
+    const connecting = AgentSession.connect(host, { helloTimeoutMs: 5000 });
+    await agent.expect('hello');
+    agent.send({ type: 'hello', version: 1, capabilities: Capability.EXEC | Capability.USER, agentVersion: 'fake 2.0' });
+    const session = await connecting;
+    cleanup.push(() => session.close());
+    const running = session.exec({ argv: ['id'], user: { uid: 1000, gid: GID_OF_USER } });
+    const exec = await agent.expect('exec');
+    assert.equal(exec.flags, ExecFlag.USER);
+    assert.deepEqual(exec.user, { uid: 1000, gid: GID_OF_USER });
+    agent.send({ type: 'started', pid: 5 }, { type: 'exit', kind: 0, code: 0, message: '' });
+    await (await running).exit;
+
+    const old = await setup();
+    await assert.rejects(old.session.exec({ argv: ['id'], user: { uid: 1000, gid: 1000 } }), (error: Error) => {
+      assert.ok(error instanceof InvalidRequestError);
+      assert.match(error.message, /fake 1\.0\) cannot run a command as another user; rebuild the image or template/);
+      return true;
+    });
+  });
+
   it('sends EXEC as asked and streams output until EXIT', async () => {
     const { session, agent } = await setup();
     const running = session.exec({ argv: ['sh', '-c', 'x'], env: { A: '1', B: '' }, cwd: '/w', timeoutMs: 1500.2, mkdirCwd: true });
