@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { treeDigest } from '../../src/dirsync/index.js';
-import { collect, isolatedEnv, mvmctl, startMvmctl, waitForOutput } from './helpers.js';
+import { collect, dirMaker, isolatedEnv, mvmctl, startMvmctl, waitForOutput } from './helpers.js';
 
 const { env, stateDir, cleanup } = isolatedEnv();
 const work = mkdtempSync(join(tmpdir(), 'mvm-e2e-adddir-'));
@@ -17,16 +17,7 @@ after(() => {
   rmSync(work, { recursive: true, force: true });
 });
 
-let counter = 0;
-function freshDir(files: Record<string, string> = {}): string {
-  const dir = join(work, `d${counter++}`);
-  mkdirSync(dir);
-  for (const [name, content] of Object.entries(files)) {
-    mkdirSync(join(dir, name, '..'), { recursive: true });
-    writeFileSync(join(dir, name), content);
-  }
-  return dir;
-}
+const freshDir = dirMaker(work);
 
 function vmDirs(): string[] {
   const dir = join(stateDir, 'vms');

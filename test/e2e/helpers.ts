@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -28,6 +28,20 @@ export function isolatedEnv(): { env: NodeJS.ProcessEnv; stateDir: string; clean
     env: { ...process.env, MVM_STATE_DIR: stateDir, MVM_NO_TCG_WARNING: '1' },
     stateDir,
     cleanup: () => rmSync(stateDir, { recursive: true, force: true }),
+  };
+}
+
+/** Makes numbered directories under `root`, each holding `files` (relative path to content). */
+export function dirMaker(root: string): (files?: Record<string, string>) => string {
+  let counter = 0;
+  return (files = {}) => {
+    const dir = join(root, `d${counter++}`);
+    mkdirSync(dir);
+    for (const [name, content] of Object.entries(files)) {
+      mkdirSync(join(dir, name, '..'), { recursive: true });
+      writeFileSync(join(dir, name), content);
+    }
+    return dir;
   };
 }
 

@@ -9,7 +9,7 @@ import { delimiter, join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { inspectKvmHost } from '../../src/accel/index.js';
 import { treeDigest } from '../../src/dirsync/index.js';
-import { assertNoVmLeft, collect, isolatedEnv, mvmctl, startMvmctl, vmmPidsMentioning, waitForOutput } from './helpers.js';
+import { assertNoVmLeft, collect, dirMaker, isolatedEnv, mvmctl, startMvmctl, vmmPidsMentioning, waitForOutput } from './helpers.js';
 
 const isolated = isolatedEnv();
 const { stateDir } = isolated;
@@ -33,16 +33,7 @@ before(async () => {
 
 const lines = (text: string | Buffer) => text.toString().split('\n').filter((line) => line !== '');
 const restored = (stderr: string) => /\[timing\] restored from snapshot/.test(stderr);
-let counter = 0;
-function freshDir(files: Record<string, string> = {}): string {
-  const dir = join(work, `d${counter++}`);
-  mkdirSync(dir);
-  for (const [name, content] of Object.entries(files)) {
-    mkdirSync(join(dir, name, '..'), { recursive: true });
-    writeFileSync(join(dir, name), content);
-  }
-  return dir;
-}
+const freshDir = dirMaker(work);
 
 /** A root file system with nothing but a static busybox and a file of ours. */
 function tinyRootfs(dir: string): void {
