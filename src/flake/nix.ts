@@ -70,14 +70,32 @@ export function nixErrorLine(stderr: string): string {
   return (error ? error.slice('error:'.length).trim() : lastLine(plain)).replace(/\s+/g, ' ');
 }
 
+/** After its deadline nix gets SIGTERM (so it stops its builders) and this long to go before runTool's SIGKILL. */
+const STOP_GRACE_MS = 30_000;
+
 async function runNix(nix: string, what: string, ref: string, args: readonly string[], options: { signal: AbortSignal; timeoutMs: number; onLine?: (line: string) => void }) {
+  // Our own deadline rather than runTool's: runTool's SIGKILL would leave nix's builder processes running.
+  const deadline = new AbortController();
+  const timer = setTimeout(
+    () => deadline.abort(new NixUnavailableError(`--flake ${ref}: ${what} did not finish within ${Math.round(options.timeoutMs / 1000)} s and was stopped; ${WAY_ROUND}`)),
+    options.timeoutMs,
+  );
   let result;
   try {
-    result = await runTool(nix, [...NIX_FEATURES, ...args], options);
+    result = await runTool(nix, [...NIX_FEATURES, ...args], {
+      signal: AbortSignal.any([options.signal, deadline.signal]),
+      // Interrupted (Ctrl-C) or past the deadline, nix gets SIGTERM, so that it stops the builders it started.
+      abortSignal: 'SIGTERM',
+      timeoutMs: options.timeoutMs + STOP_GRACE_MS,
+      ...(options.onLine ? { onLine: options.onLine } : {}),
+    });
   } catch (error) {
     if (options.signal.aborted) throw error;
-    // Past its deadline, or it could not be started at all.
+    if (deadline.signal.aborted) throw deadline.signal.reason;
+    // It could not be started at all, or ignored SIGTERM.
     throw new NixUnavailableError(`--flake ${ref}: ${what}: ${(error as Error).message}; ${WAY_ROUND}`);
+  } finally {
+    clearTimeout(timer);
   }
   if (result.code !== 0) throw new NixUnavailableError(`--flake ${ref}: ${what} failed: ${nixErrorLine(result.stderr)}; ${WAY_ROUND}`);
   return result.stdout;

@@ -50,6 +50,7 @@ if [ "$mode" = metadata ]; then
 fi
 dir=\${url#path:}; dir=\${dir%%\\?*}
 if [ -f "$dir/build-error" ]; then cat "$dir/build-error" >&2; exit 1; fi
+if [ -f "$dir/build-hangs" ]; then exec sleep 60; fi
 sleep 0.2
 echo "building '/nix/store/x-guest.drv'..." >&2
 ln -sfn "$dir/out" "$link"
@@ -120,6 +121,19 @@ describe('--flake without a working Nix', () => {
     const dir = stubFlake({ vmlinux: ELF, initrd: 'cpio' });
     writeFileSync(join(dir, 'build-error'), "error: builder for '/nix/store/x.drv' failed with exit code 1;\n       last 10 log lines:\n       > boom\n");
     await withPath(pathWithStub, () => assert.rejects(ensureFlakeImage(dir, options()), nixUnavailable(/: nix build failed: builder for '\/nix\/store\/x\.drv' failed with exit code 1;/)));
+  });
+
+  test('a build past MVM_FLAKE_BUILD_TIMEOUT is stopped: one line, exit 125', async () => {
+    const dir = stubFlake({ vmlinux: ELF, initrd: 'cpio' }, 'sha256-hangs');
+    writeFileSync(join(dir, 'build-hangs'), '');
+    process.env.MVM_FLAKE_BUILD_TIMEOUT = '1';
+    const started = performance.now();
+    try {
+      await withPath(pathWithStub, () => assert.rejects(ensureFlakeImage(dir, options()), nixUnavailable(/: nix build did not finish within 1 s and was stopped; boot a template instead/)));
+    } finally {
+      delete process.env.MVM_FLAKE_BUILD_TIMEOUT;
+    }
+    assert.ok(performance.now() - started < 10_000, 'nix went at SIGTERM, not at the SIGKILL backstop');
   });
 
   test("nix's error line: the first error:, colours stripped, else the last line", () => {
