@@ -17,3 +17,15 @@ export class MvmError extends Error {
 
 /** Exit status when mvmctl itself fails (bad flags, missing QEMU, failed boot), as `docker run` does. */
 export const EXIT_MVM_FAILURE = 125;
+
+/**
+ * `--flake` on a host without a working Nix: no `nix` binary, or nix failed (it could not fetch, the
+ * build failed, it ran past its deadline). Exit 125, and the message names the way round that needs
+ * no Nix, a template (`--template`/`--manifest`), as the seed spec asks.
+ */
+export class NixUnavailableError extends MvmError {
+  constructor(message: string) {
+    super(message, EXIT_MVM_FAILURE);
+    this.name = 'NixUnavailableError';
+  }
+}

@@ -7,7 +7,7 @@ export { exec, type ExecHandle, type ExecResult, type ExecStarted } from './sdk/
 export { MicroVm } from './sdk/microvm.js';
 export type { AddDir, CommandOptions, ExecOptions, VmOptions } from './sdk/options.js';
 export { InvalidOptionError } from './sdk/parse.js';
-export { MvmError } from './errors.js';
+export { MvmError, NixUnavailableError } from './errors.js';
 export { AgentConnectionError, AgentRequestError, AgentTimeoutError, AgentVersionError, ExecUnavailableError, ProtocolError } from './protocol/errors.js';
 export type { AccelChoice } from './accel/index.js';
 export type { BackendChoice } from './backends/index.js';

@@ -1,5 +1,6 @@
 import { InvalidArgumentError, Option } from 'commander';
 import { ACCEL_CHOICES } from '../accel/index.js';
+import { flakeRefProblem } from '../flake/nix.js';
 import { checkGuestString, integerIn, InvalidOptionError, parseMemory as memoryMiB, parseUser } from '../sdk/parse.js';
 
 export { bootTimeoutFromEnv } from '../sdk/parse.js';
@@ -50,4 +51,11 @@ export function accelOption(): Option {
 /** One line on stderr for warnings and notes, as every mvmctl command prints them. */
 export function logLine(line: string): void {
   process.stderr.write(`mvmctl: ${line}\n`);
+}
+
+/** `--flake`: a flake reference (checked for shape only; nix says the rest when it runs). */
+export function parseFlakeRefFlag(value: string): string {
+  const problem = flakeRefProblem(value);
+  if (problem) throw new InvalidArgumentError(problem);
+  return value;
 }

@@ -6,7 +6,7 @@ import { DEFAULT_CPUS, DEFAULT_MEMORY_MIB } from '../exec/default-image.js';
 import { NET_MODES, type NetMode } from '../net/spec.js';
 import type { VmOptions } from '../sdk/options.js';
 import { CPUS_RANGE } from '../sdk/parse.js';
-import { accelOption, collect, parseIntegerIn, parseMemory } from './parse.js';
+import { accelOption, collect, parseFlakeRefFlag, parseIntegerIn, parseMemory } from './parse.js';
 
 export interface VmFlags {
   cpus?: number;
@@ -16,6 +16,7 @@ export interface VmFlags {
   addDir: string[];
   template?: string;
   manifest?: string;
+  flake?: string;
   /** false with --no-snapshot. */
   snapshot: boolean;
   net?: NetMode;
@@ -34,6 +35,11 @@ export function addVmFlags(command: Command, { syncNote }: { syncNote: string })
     .option('-d, --add-dir <HOST:GUEST[:ro|rw]>', `mount a host directory in the guest; rw syncs changes back ${syncNote} (repeatable; HOST ends at the first colon)`, collect, [])
     .addOption(new Option('--template <NAME|DIR>', 'boot this template (mvmctl template build), by name or directory, instead of the default image; restores its snapshot when it has one').conflicts('manifest'))
     .option('-m, --manifest <NAME|DIR>', 'the same as --template (upstream mvmctl spelling)')
+    .addOption(
+      new Option('--flake <REF>', 'boot the guest this Nix flake builds (nix build REF: $out/vmlinux and $out/initrd or $out/rootfs.ext4), cached under its locked hash')
+        .argParser(parseFlakeRefFlag)
+        .conflicts(['template', 'manifest']),
+    )
     .option('--no-snapshot', 'boot cold even when the image or template has a snapshot')
     .addOption(new Option('--net <mode>', "the guest's network: none (no NIC) or user (outbound through the host; default: none, or the template's)").choices(NET_MODES))
     .option('--allow-host <NAME[:PORT]>', 'let the guest reach only this host, over HTTP(S) through a proxy on the host (repeatable; no port: 80 and 443)', collect, [])
@@ -50,6 +56,7 @@ export function vmOptionsFromFlags(flags: VmFlags): VmOptions {
     ...(flags.accel ? { accel: flags.accel } : {}),
     addDirs: flags.addDir,
     ...(template !== undefined ? { template } : {}),
+    ...(flags.flake !== undefined ? { flake: flags.flake } : {}),
     noSnapshot: !flags.snapshot,
     ...(flags.net ? { net: flags.net } : {}),
     allowHosts: flags.allowHost,

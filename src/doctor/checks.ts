@@ -114,6 +114,7 @@ export async function runDoctor(): Promise<DoctorReport> {
     guarded('qemu-img', () => checkOptionalTools('qemu-img', ['qemu-img'], 'qemu-utils', 'template snapshots with QEMU')),
     guarded('network', () => ({ name: 'network', status: 'ok', summary: 'exec gives the guest no NIC unless asked (--net user, --allow-host, -p; QEMU user-mode networking)' })),
     guarded('socat', () => checkOptionalTools('socat', ['socat'], 'socat', '--allow-host')),
+    guarded('nix', () => checkOptionalTools('nix', ['nix'], 'nix-bin nix-setup-systemd', '--flake (templates need no Nix)')),
   ]);
   return doctorReport(checks);
 }

@@ -15,6 +15,7 @@ import type { LaunchPlan } from '../launchplan/index.js';
 import { planNetwork, type NetMode } from '../net/spec.js';
 import { checkVmName } from '../state/registry.js';
 import { openTemplate, templateBootImage } from '../templates/index.js';
+import { flakeBootImage, flakeRefProblem } from '../flake/index.js';
 import type { ExecStarted } from './exec.js';
 import { bootTimeoutFromEnv, checkGuestString, CPUS_RANGE, DEFAULT_TIMEOUT_SECONDS, integerIn, InvalidOptionError, parseMemory, parseUser, TIMEOUT_SECONDS_RANGE, type UserSpec } from './parse.js';
 
@@ -63,6 +64,12 @@ export interface ExecOptions {
    * path of its directory (holding a `/` or starting with `.`; a NAME symlink or a version directory).
    */
   template?: string;
+  /**
+   * Boot the guest a Nix flake builds instead (`nix build REF`; see README "--flake" for the output
+   * it must have): `'./dir'`, `'path:/abs/dir'`, `'github:owner/repo#attr'`. Cached under the flake's
+   * locked hash. Not with `template`. Without a working Nix it fails with NixUnavailableError (125).
+   */
+  flake?: string;
   /** Boot cold even when the image or template has a snapshot. */
   noSnapshot?: boolean;
   /** Default: `MVM_ACCEL`, else auto (KVM where it can run the guest, else TCG). */
@@ -87,14 +94,16 @@ export interface ExecOptions {
 export interface VmProvider {
   backend: (choice: BackendChoice) => Backend;
   defaultImage: (options: DefaultImageOptions) => ExecDeps['ensureImage'];
+  /** The image a `flake` option boots (default: built with nix, src/flake/). */
+  flakeImage?: (ref: string) => ExecDeps['ensureImage'];
 }
 
-export const qemuProvider: VmProvider = { backend: selectBackend, defaultImage: defaultBootImage };
+export const qemuProvider: VmProvider = { backend: selectBackend, defaultImage: defaultBootImage, flakeImage: flakeBootImage };
 
 /** What a VM is, as opposed to a command in it: the options `MicroVm.start` takes. */
 export type VmOptions = Pick<
   ExecOptions,
-  'cpus' | 'memory' | 'addDirs' | 'template' | 'noSnapshot' | 'accel' | 'backend' | 'net' | 'allowHosts' | 'publish' | 'signal' | 'onProgress' | 'onWarning' | 'verbose'
+  'cpus' | 'memory' | 'addDirs' | 'template' | 'flake' | 'noSnapshot' | 'accel' | 'backend' | 'net' | 'allowHosts' | 'publish' | 'signal' | 'onProgress' | 'onWarning' | 'verbose'
 > & {
   /** The VM's name in `mvmctl ls` (letters, digits, . _ -); default: a generated `exec-…` one. */
   name?: string;
@@ -166,6 +175,7 @@ export async function resolveVm(options: VmOptions, provider: VmProvider, log: (
   const addDirParts = (options.addDirs ?? []).map(addDirPartsOf);
   checkStrings('allowHosts', options.allowHosts);
   checkStrings('publish', options.publish);
+  checkImageSource(options);
 
   const addDirs = addDirParts.map((parts) => resolveAddDir(parts, process.cwd()));
   validateAddDirs(addDirs);
@@ -183,11 +193,22 @@ export async function resolveVm(options: VmOptions, provider: VmProvider, log: (
   const snapshotRequest = { ...size, addDirs: addDirs.length, nic: network !== undefined, noSnapshot: options.noSnapshot ?? false };
   const ensureImage = template
     ? async () => templateBootImage(template, backend, snapshotRequest)
-    : provider.defaultImage({ backend, request: snapshotRequest, bootTimeoutMs, log });
+    : options.flake !== undefined
+      ? (provider.flakeImage ?? flakeBootImage)(options.flake)
+      : provider.defaultImage({ backend, request: snapshotRequest, bootTimeoutMs, log });
   return {
     request: { ...size, addDirs, ...(network ? { network } : {}), ...(options.name !== undefined ? { name: options.name } : {}) },
     deps: { backend, ensureImage, bootTimeoutMs, accel },
   };
+}
+
+/** One image source at most; a flake reference is parsed now, so a bad one fails before any VM starts. */
+function checkImageSource(options: VmOptions): void {
+  if (options.flake === undefined) return;
+  checkGuestString('flake', options.flake);
+  if (options.template !== undefined) throw new InvalidOptionError('flake', 'give flake or template, not both: each says what the VM boots');
+  const problem = flakeRefProblem(options.flake);
+  if (problem) throw new InvalidOptionError('flake', problem);
 }
 
 function checkEnv(env: Readonly<Record<string, string>>): Record<string, string> {
