@@ -208,7 +208,7 @@ static size_t encode_named(const char *nm, uint8_t *out)
 	char msg[256];
 	size_t n;
 	if (!strcmp(nm, "hello_agent"))
-		return mvm_enc_hello(out, 1, 0xf, MVM_AGENT_VERSION);
+		return mvm_enc_hello(out, 1, 0xf, "mvm-agent 0.1.0" /* the vector's example, not this build's version */);
 	if (!strcmp(nm, "started"))
 		return mvm_enc_started(out, 42);
 	if (!strcmp(nm, "stdout"))
