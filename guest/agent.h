@@ -15,6 +15,8 @@
 
 #define CTRL_RESERVE 8192u
 #define DATA_ROOM (MVM_HDR_LEN + MVM_MAX_DATA + CTRL_RESERVE)
+/* the command's stdout pipe: the guest kernel's default pipe-max-size */
+#define OUTPUT_PIPE_SIZE (1 << 20)
 #define DRAIN_IDLE_NS (100 * 1000000LL)
 #define DRAIN_MAX_NS (2000 * 1000000LL)
 

@@ -133,17 +133,20 @@ void cmd_read_pipe(int *fd, uint8_t type)
 	uint8_t *p;
 	ssize_t n;
 
-	if (*fd < 0 || !tx_room(DATA_ROOM))
-		return;
-	p = tx_tail_ptr(MVM_HDR_LEN + MVM_MAX_DATA);
-	n = read(*fd, p + MVM_HDR_LEN, MVM_MAX_DATA);
-	if (n > 0) {
-		mvm_enc_data_header(p, type, (uint32_t)n);
-		tx_commit(MVM_HDR_LEN + (size_t)n);
-		g_cmd.drain_idle = now_ns() + DRAIN_IDLE_NS;
-	} else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-		close_fd(fd);
-	}
+	/* whole frames while there is room: a full read means more is likely waiting */
+	do {
+		if (*fd < 0 || !tx_room(DATA_ROOM))
+			return;
+		p = tx_tail_ptr(MVM_HDR_LEN + MVM_MAX_DATA);
+		n = read(*fd, p + MVM_HDR_LEN, MVM_MAX_DATA);
+		if (n > 0) {
+			mvm_enc_data_header(p, type, (uint32_t)n);
+			tx_commit(MVM_HDR_LEN + (size_t)n);
+			g_cmd.drain_idle = now_ns() + DRAIN_IDLE_NS;
+		} else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+			close_fd(fd);
+		}
+	} while (n == (ssize_t)MVM_MAX_DATA);
 }
 
 void cmd_write_stdin(void)
@@ -283,6 +286,9 @@ void on_exec(const struct mvm_h2g *m)
 	g_cmd.out_fd = out[0];
 	g_cmd.err_fd = err[0];
 	g_cmd.in_fd = in[1];
+	/* A command that writes faster than the host reads fills a 64 KiB pipe at once; a larger one
+	 * lets each wakeup of the agent move several frames (failure just keeps the default) */
+	fcntl(out[0], F_SETPIPE_SZ, OUTPUT_PIPE_SIZE);
 	set_nonblock(out[0]);
 	set_nonblock(err[0]);
 	if (in[1] >= 0)
