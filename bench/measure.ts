@@ -1,5 +1,6 @@
 // What every benchmark shares: the CLI under test, interleaved runs, medians, and one report line.
 import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -28,10 +29,34 @@ export async function timed(work: () => Promise<unknown>): Promise<number> {
   return (performance.now() - start) / 1000;
 }
 
-export function report(what: string, value: number, baselineName: string, baseline: number, target: number | undefined): void {
+/** `target` bounds the ratio from above, or from below with `higherIsBetter` (throughput). */
+export function report(what: string, value: number, baselineName: string, baseline: number, target: number | undefined, higherIsBetter = false): void {
   const ratio = value / baseline;
   console.log(
     `${what}: ${value.toFixed(3)} vs ${baselineName}: ${baseline.toFixed(3)} -> ratio ${ratio.toFixed(2)}` +
-      (target === undefined ? '' : ` (target <= ${target.toFixed(2)})`),
+      (target === undefined ? '' : ` (target ${higherIsBetter ? '>=' : '<='} ${target.toFixed(2)})`),
   );
+}
+
+/** Runs `command` with stdout drained and returns its peak resident set (VmHWM) in MB, read from /proc while it runs. */
+export async function peakRssMb(command: string, args: string[], env: NodeJS.ProcessEnv): Promise<number> {
+  const child = spawn(command, args, { env, stdio: ['ignore', 'pipe', 'inherit'] });
+  child.stdout.resume();
+  let peakKb = 0;
+  const sample = () => {
+    try {
+      const hwm = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'));
+      if (hwm) peakKb = Math.max(peakKb, Number(hwm[1]));
+    } catch {
+      // gone already: the last sample stands
+    }
+  };
+  const timer = setInterval(sample, 50);
+  const code = await new Promise<number | null>((resolve, reject) => {
+    child.on('error', reject);
+    child.on('close', resolve);
+  });
+  clearInterval(timer);
+  if (code !== 0) throw new Error(`${command} ${args.join(' ')} exited ${code}`);
+  return peakKb / 1024;
 }

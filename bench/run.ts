@@ -14,7 +14,7 @@ import { benchRoundTrip } from '../src/dirsync/index.js';
 import { writeCpio } from '../src/image/cpio.js';
 import { ensureDefaultImage, type GuestImage } from '../src/image/index.js';
 import { AgentSession } from '../src/protocol/index.js';
-import { median, mvmctl, report, run, RUNS, timed } from './measure.js';
+import { median, mvmctl, peakRssMb, report, run, RUNS, timed } from './measure.js';
 import { restoredFastPaths } from './restored.js';
 
 const MEMORY_MIB = 512;
@@ -116,7 +116,9 @@ async function throughput(image: GuestImage, work: string): Promise<void> {
     viaVsock.push(await streamRate((onData) => run(mvmctl, ['exec', '--no-snapshot', '--', ...catBig], env, onData)));
     viaPort.push(await streamRate((onData) => run(mvmctl, ['exec', '--no-snapshot', '--', ...catBig], { ...env, MVM_QEMU_VSOCK: '0' }, onData)));
   }
-  report('stdout of cat via mvmctl exec (MB/s)', median(viaExec), 'raw virtio-serial channel', median(raw), undefined);
+  report('stdout of cat via mvmctl exec (MB/s)', median(viaExec), 'raw virtio-serial channel', median(raw), 0.8, true);
+  const rss = await peakRssMb(mvmctl, ['exec', '--timeout', '600', '--', 'head', '-c', String(2 ** 30), '/dev/zero'], env);
+  report('mvmctl peak RSS while 1 GiB streams (MB)', rss, 'the target', 100, 1);
   if (vsock) report('the same, cold, agent on vsock (MB/s)', median(viaVsock), 'cold, agent on the virtio-serial port', median(viaPort), undefined);
   else console.log('agent on vsock vs the virtio-serial port: skipped, vhost-device-vsock is not installed');
 }
