@@ -29,6 +29,9 @@ int mvm_parse_header(const uint8_t *hdr, uint32_t *len, uint8_t *type)
 	case MVM_H_SIGNAL:
 		min = max = 1;
 		break;
+	case MVM_H_RESIZE:
+		min = max = 4;
+		break;
 	case MVM_H_MOUNT:
 		min = 16;
 		max = MVM_MAX_PAYLOAD;
@@ -161,6 +164,11 @@ int mvm_parse_h2g(uint8_t type, const uint8_t *payload, uint32_t len, struct mvm
 		    rd_str_list(&r, m->u.exec.envc, &m->u.exec.env, &total))
 			return -1;
 		m->u.exec.strbytes = total;
+		/* the terminal size is present exactly when the flag says so; a zero size is malformed */
+		if ((m->u.exec.flags & MVM_EXEC_F_TTY) &&
+		    (rd_u16(&r, &m->u.exec.rows) || rd_u16(&r, &m->u.exec.cols) || !m->u.exec.rows ||
+		     !m->u.exec.cols))
+			return -1;
 		break;
 	}
 	case MVM_H_STDIN:
@@ -172,6 +180,11 @@ int mvm_parse_h2g(uint8_t type, const uint8_t *payload, uint32_t len, struct mvm
 		break;
 	case MVM_H_SIGNAL:
 		if (rd_u8(&r, &m->u.signal.signo))
+			return -1;
+		break;
+	case MVM_H_RESIZE:
+		if (rd_u16(&r, &m->u.resize.rows) || rd_u16(&r, &m->u.resize.cols) ||
+		    !m->u.resize.rows || !m->u.resize.cols)
 			return -1;
 		break;
 	case MVM_H_MOUNT:

@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 #define MVM_PROTO_VERSION 1
-#define MVM_AGENT_VERSION "mvm-agent 0.1.0"
+#define MVM_AGENT_VERSION "mvm-agent 0.2.0"
 #define MVM_AGENT_VSOCK_PORT 5252
 
 #define MVM_HDR_LEN 5u
@@ -27,6 +27,7 @@ enum {
 	MVM_H_UNMOUNT = 0x07,
 	MVM_H_SYNC = 0x08,
 	MVM_H_POWEROFF = 0x09,
+	MVM_H_RESIZE = 0x0a,
 };
 
 /* agent to host */
@@ -46,12 +47,14 @@ enum {
 	MVM_CAP_MOUNT = 1u << 1,
 	MVM_CAP_POWEROFF = 1u << 2,
 	MVM_CAP_TIME_ENTROPY = 1u << 3,
+	MVM_CAP_TTY = 1u << 4,
 };
 
 enum {
 	MVM_EXEC_F_STDIN = 1u << 0,
 	MVM_EXEC_F_MKDIR_CWD = 1u << 1,
-	MVM_EXEC_F_ALL = MVM_EXEC_F_STDIN | MVM_EXEC_F_MKDIR_CWD,
+	MVM_EXEC_F_TTY = 1u << 2, /* appends u16 rows, u16 cols after env */
+	MVM_EXEC_F_ALL = MVM_EXEC_F_STDIN | MVM_EXEC_F_MKDIR_CWD | MVM_EXEC_F_TTY,
 };
 
 enum {
@@ -103,6 +106,7 @@ struct mvm_h2g {
 			uint32_t envc;
 			const uint8_t *env; /* envc encoded strings */
 			size_t strbytes;    /* sum of cwd/argv/env string lengths */
+			uint16_t rows, cols; /* with MVM_EXEC_F_TTY only, each >= 1 */
 		} exec;
 		struct {
 			const uint8_t *data;
@@ -111,6 +115,9 @@ struct mvm_h2g {
 		struct {
 			uint8_t signo;
 		} signal;
+		struct {
+			uint16_t rows, cols; /* each >= 1 */
+		} resize;
 		struct {
 			uint32_t flags;
 			struct mvm_str device, mountpoint, fstype;

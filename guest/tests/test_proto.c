@@ -178,6 +178,15 @@ static void check_h2g_fields(const struct vec *v, const struct mvm_h2g *m)
 		check(m->type == MVM_H_EXEC && list_eq(m->u.exec.argv, m->u.exec.argc, argv, 2) &&
 			      m->u.exec.envc == 0,
 		      "%s: fields", nm);
+	} else if (!strcmp(nm, "exec_tty")) {
+		static const char *const argv[] = { "sh" };
+		check(m->type == MVM_H_EXEC && m->u.exec.flags == MVM_EXEC_F_TTY &&
+			      list_eq(m->u.exec.argv, m->u.exec.argc, argv, 1) && m->u.exec.envc == 0 &&
+			      m->u.exec.rows == 30 && m->u.exec.cols == 100,
+		      "%s: fields", nm);
+	} else if (!strcmp(nm, "resize")) {
+		check(m->type == MVM_H_RESIZE && m->u.resize.rows == 40 && m->u.resize.cols == 120,
+		      "%s: fields", nm);
 	} else if (!strcmp(nm, "stdin")) {
 		check(m->type == MVM_H_STDIN && m->u.stdin_data.len == 4 &&
 			      memcmp(m->u.stdin_data.data, "abc\n", 4) == 0,
@@ -201,7 +210,7 @@ static size_t encode_named(const char *nm, uint8_t *out)
 	char msg[256];
 	size_t n;
 	if (!strcmp(nm, "hello_agent"))
-		return mvm_enc_hello(out, 1, 0xf, MVM_AGENT_VERSION);
+		return mvm_enc_hello(out, 1, 0xf, "mvm-agent 0.1.0"); /* the vector's text, not this build's */
 	if (!strcmp(nm, "started"))
 		return mvm_enc_started(out, 42);
 	if (!strcmp(nm, "stdout"))
@@ -308,9 +317,9 @@ static void test_units(void)
 	buf[0] = 65;
 	check(mvm_parse_h2g(MVM_H_SIGNAL, buf, 1, &m) == 0 && mvm_validate_h2g(&m) != NULL,
 	      "signal 65 refused");
-	/* EXEC flags=4 */
+	/* EXEC with a flag bit no version defines */
 	memset(buf, 0, sizeof(buf));
-	mvm_put_u32(buf + 4, 4);
+	mvm_put_u32(buf + 4, 0x80000000u);
 	mvm_put_u32(buf + 12, 1);
 	mvm_put_u32(buf + 16, 1);
 	buf[20] = 'x';
@@ -464,6 +473,11 @@ static int walk_ok(const struct mvm_h2g *m, const uint8_t *base, size_t plen)
 			return 0;
 		total += s.len;
 	}
+	if (m->u.exec.flags & MVM_EXEC_F_TTY) {
+		if (!m->u.exec.rows || !m->u.exec.cols)
+			return 0;
+		cur += 4; /* u16 rows, u16 cols follow the env strings */
+	}
 	return total == m->u.exec.strbytes && cur == base + plen;
 }
 
@@ -508,6 +522,8 @@ static void test_fuzz(long iters)
 				if (!bad++)
 					printf("FAIL fuzz: inconsistent EXEC parse at iteration %ld\n", it);
 			}
+			if (m.type == MVM_H_RESIZE && (!m.u.resize.rows || !m.u.resize.cols))
+				bad++;
 			if (m.type == MVM_H_HELLO && m.u.hello.n > MVM_MAX_ENTROPY)
 				bad++;
 			if (m.type == MVM_H_STDIN &&

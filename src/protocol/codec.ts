@@ -1,5 +1,6 @@
 import {
   AgentType,
+  ExecFlag,
   ExitKind,
   HEADER_SIZE,
   HostType,
@@ -22,6 +23,8 @@ export type HostMessage =
       cwd: Bytes;
       argv: readonly Bytes[];
       env: readonly Bytes[];
+      /** Run on a pseudo-terminal of this size. The encoder sets the TTY flag from its presence; the decoder fills it when the flag is set. */
+      tty?: TtySize;
     }
   | { type: 'stdin'; data: Uint8Array }
   | { type: 'stdinEof' }
@@ -29,7 +32,14 @@ export type HostMessage =
   | { type: 'mount'; flags: number; device: Bytes; mountpoint: Bytes; fstype: Bytes }
   | { type: 'unmount'; mountpoint: Bytes }
   | { type: 'sync' }
-  | { type: 'poweroff' };
+  | { type: 'poweroff' }
+  | ({ type: 'resize' } & TtySize);
+
+/** A terminal's size; each is 1 to 65535. */
+export interface TtySize {
+  rows: number;
+  cols: number;
+}
 
 /** Agent to host. The agent's strings are human text and are decoded as UTF-8. */
 export type AgentMessage =
@@ -55,6 +65,13 @@ function bytesOf(value: Bytes, what: string): Buffer {
 function checkUint(value: number, max: number, what: string): void {
   if (!Number.isInteger(value) || value < 0 || value > max) {
     throw new InvalidRequestError(`${what} must be an integer from 0 to ${max}, got ${value}`);
+  }
+}
+
+function checkSize(size: TtySize, what: string): void {
+  for (const k of ['rows', 'cols'] as const) {
+    const v = size[k];
+    if (!Number.isInteger(v) || v < 1 || v > 0xffff) throw new InvalidRequestError(`${what} ${k} must be an integer from 1 to 65535, got ${v}`);
   }
 }
 
@@ -140,11 +157,16 @@ export function encodeFrame(msg: HostMessage): Buffer {
       const cwd = bytesOf(msg.cwd, 'cwd');
       const argv = msg.argv.map((a, i) => bytesOf(a, `argv[${i}]`));
       const env = msg.env.map((e, i) => bytesOf(e, `env[${i}]`));
-      const w = new Writer(HostType.EXEC, 4 + 4 + 4 + cwd.length + 4 + stringsSize(argv) + 4 + stringsSize(env));
-      w.u32(msg.timeoutMs).u32(msg.flags).string(cwd).u32(argv.length);
+      if (msg.tty) checkSize(msg.tty, 'EXEC tty');
+      // The flag and its fields travel together: the flag is derived from the field, never taken alone.
+      const flags = msg.tty ? (msg.flags | ExecFlag.TTY) >>> 0 : msg.flags & ~ExecFlag.TTY;
+      const ttyBytes = msg.tty ? 4 : 0;
+      const w = new Writer(HostType.EXEC, 4 + 4 + 4 + cwd.length + 4 + stringsSize(argv) + 4 + stringsSize(env) + ttyBytes);
+      w.u32(msg.timeoutMs).u32(flags >>> 0).string(cwd).u32(argv.length);
       for (const a of argv) w.string(a);
       w.u32(env.length);
       for (const e of env) w.string(e);
+      if (msg.tty) w.u16(msg.tty.rows).u16(msg.tty.cols);
       return w.done();
     }
     case 'stdin':
@@ -170,6 +192,9 @@ export function encodeFrame(msg: HostMessage): Buffer {
       return empty(HostType.SYNC);
     case 'poweroff':
       return empty(HostType.POWEROFF);
+    case 'resize':
+      checkSize(msg, 'RESIZE');
+      return new Writer(HostType.RESIZE, 4).u16(msg.rows).u16(msg.cols).done();
   }
 }
 
@@ -324,6 +349,13 @@ function checkExitCode(kind: ExitKind, code: number): void {
   if (!ok) throw new ProtocolError(`EXIT kind ${kind} with code ${code} is out of range`);
 }
 
+function readSize(r: Reader, what: string): TtySize {
+  const rows = r.u16();
+  const cols = r.u16();
+  if (rows < 1 || cols < 1) throw new ProtocolError(`${what} rows and cols must be at least 1, got ${rows}x${cols}`);
+  return { rows, cols };
+}
+
 const hostDirection: Direction<HostMessage> = {
   name: (type) => hostNames[type],
   parse(type, payload) {
@@ -345,6 +377,10 @@ const hostDirection: Direction<HostMessage> = {
         const argv = Array.from({ length: argc }, () => r.string());
         const envc = r.count('envc');
         const env = Array.from({ length: envc }, () => r.string());
+        if (flags & ExecFlag.TTY) {
+          const tty = readSize(r, 'EXEC tty');
+          return r.end({ type: 'exec', timeoutMs, flags, cwd, argv, env, tty });
+        }
         return r.end({ type: 'exec', timeoutMs, flags, cwd, argv, env });
       }
       case HostType.STDIN:
@@ -359,6 +395,8 @@ const hostDirection: Direction<HostMessage> = {
         return r.end({ type: 'unmount', mountpoint: r.string() });
       case HostType.SYNC:
         return r.end({ type: 'sync' });
+      case HostType.RESIZE:
+        return r.end({ type: 'resize', ...readSize(r, 'RESIZE') });
       default:
         return r.end({ type: 'poweroff' });
     }
