@@ -10,6 +10,7 @@ export {
   type Bytes,
   type Direction,
   type HostMessage,
+  type TtySize,
 } from './codec.js';
 export {
   AgentSession,
