@@ -84,6 +84,26 @@ describe('mvmctl exec -t', { skip: hasTmux ? false : 'tmux is not installed' }, 
     tmux('kill-session', '-t', session);
   });
 
+  test('the host terminal is restored after a timeout (exit 124) and after SIGTERM (exit 143)', { timeout: 600_000 }, async () => {
+    const exitFile = join(work, 'exit-code-2');
+    const pidFile = join(work, 'mvmctl-pid');
+    const envArgs = `env MVM_STATE_DIR=${env.MVM_STATE_DIR!} MVM_NO_TCG_WARNING=1`;
+    tmux('new-session', '-d', '-s', session, '-x', '100', '-y', '30', 'sh');
+    type(`${envArgs} ${mvmctlBin} exec -ti --timeout 3 -- sleep 100; echo "timeout-rc-$?"; stty -a`);
+    await waitForScreen(/timeout-rc-124[\s\S]*icanon/);
+    assert.match(screen(), /(^|\s)echo(\s|$)/m);
+    type('clear');
+    // exec replaces the pane's shell child, so the pid written is mvmctl's own.
+    type(`sh -c 'echo $$ > ${pidFile}; exec ${envArgs} ${mvmctlBin} exec -ti -- sh -c "echo running; sleep 100"'; echo "$?" > ${exitFile}; stty -a`);
+    await waitForScreen(/^running\s*$/m);
+    process.kill(Number(readFileSync(pidFile, 'utf8')), 'SIGTERM');
+    await waitForScreen(/icanon/);
+    assert.equal(readFileSync(exitFile, 'utf8').trim(), '143');
+    assert.match(screen(), /(^|\s)echo(\s|$)/m);
+    tmux('kill-session', '-t', session);
+    await assertNoVmLeft(stateDir);
+  });
+
   test('-t without a terminal: 24x80, both streams on stdout, stderr empty', { timeout: 300_000 }, async () => {
     const result = await mvmctl(['exec', '-t', '--', 'sh', '-c', 'tty; stty size; echo to-stderr >&2; exit 3'], env);
     assert.equal(result.code, 3, result.stderr);
