@@ -78,6 +78,7 @@ struct command {
 	int64_t deadline; /* monotonic ns, 0 = none */
 	int64_t drain_idle, drain_max;
 	int out_fd, err_fd, in_fd;
+	int tty_fd; /* with TTY: the pty master, kept for RESIZE; out_fd and in_fd are dups of it */
 	int stdin_eof;
 	uint64_t in_received, in_acked;
 	uint32_t pending_ack;
@@ -95,6 +96,12 @@ void on_exec(const struct mvm_h2g *m);
 void on_stdin(const struct mvm_h2g *m);
 void on_stdin_eof(void);
 void on_signal(const struct mvm_h2g *m);
+
+/* tty.c */
+int tty_open(uint16_t rows, uint16_t cols, int *master, int *slave);
+int tty_attach(int slave);
+void tty_write_eof(int master);
+void on_resize(const struct mvm_h2g *m);
 
 /* child.c: in the forked child, never returns */
 void child_exec(const struct mvm_h2g *m, int report_fd, int in_rd, int out_wr, int err_wr);

@@ -94,7 +94,10 @@ void child_exec(const struct mvm_h2g *m, int report_fd, int in_rd, int out_wr, i
 	int sig, fd;
 
 	g_child_report = report_fd;
-	setpgid(0, 0);
+	if (!(m->u.exec.flags & MVM_EXEC_F_TTY))
+		setpgid(0, 0);
+	else if (tty_attach(out_wr) < 0) /* with a tty, out_wr is its slave */
+		child_fail(126, "tty", (const uint8_t *)"", 0, errno);
 	for (sig = 1; sig < 65; sig++)
 		signal(sig, SIG_DFL);
 	sigemptyset(&set);

@@ -10,7 +10,7 @@
 
 #include "agent.h"
 
-struct command g_cmd = { .out_fd = -1, .err_fd = -1, .in_fd = -1 };
+struct command g_cmd = { .out_fd = -1, .err_fd = -1, .in_fd = -1, .tty_fd = -1 };
 static uint8_t g_inbuf[MVM_STDIN_WINDOW];
 
 static void set_nonblock(int fd)
@@ -80,8 +80,9 @@ void cmd_abort(void)
 	close_fd(&g_cmd.out_fd);
 	close_fd(&g_cmd.err_fd);
 	close_fd(&g_cmd.in_fd);
+	close_fd(&g_cmd.tty_fd);
 	memset(&g_cmd, 0, sizeof(g_cmd));
-	g_cmd.out_fd = g_cmd.err_fd = g_cmd.in_fd = -1;
+	g_cmd.out_fd = g_cmd.err_fd = g_cmd.in_fd = g_cmd.tty_fd = -1;
 }
 
 void flush_acks(void)
@@ -112,6 +113,7 @@ void cmd_check_finish(int64_t now)
 		return;
 	close_fd(&g_cmd.out_fd);
 	close_fd(&g_cmd.err_fd);
+	close_fd(&g_cmd.tty_fd);
 	if (g_cmd.timed_out) {
 		kind = MVM_EXIT_TIMEOUT;
 		code = SIGKILL;
@@ -125,7 +127,7 @@ void cmd_check_finish(int64_t now)
 	p = tx_tail_ptr(MVM_MAX_CTRL_FRAME);
 	tx_commit(mvm_enc_exit(p, kind, code, "", 0));
 	memset(&g_cmd, 0, sizeof(g_cmd));
-	g_cmd.out_fd = g_cmd.err_fd = g_cmd.in_fd = -1;
+	g_cmd.out_fd = g_cmd.err_fd = g_cmd.in_fd = g_cmd.tty_fd = -1;
 }
 
 void cmd_read_pipe(int *fd, uint8_t type)
@@ -144,6 +146,7 @@ void cmd_read_pipe(int *fd, uint8_t type)
 			tx_commit(MVM_HDR_LEN + (size_t)n);
 			g_cmd.drain_idle = now_ns() + DRAIN_IDLE_NS;
 		} else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+			/* a pty master reads EIO once the last slave fd is closed: that is its end of file */
 			close_fd(fd);
 		}
 	} while (n == (ssize_t)MVM_MAX_DATA);
@@ -172,8 +175,11 @@ void cmd_write_stdin(void)
 		g_cmd.in_len = 0;
 		close_fd(&g_cmd.in_fd);
 	}
-	if (g_cmd.in_fd >= 0 && g_cmd.in_len == 0 && g_cmd.stdin_eof)
+	if (g_cmd.in_fd >= 0 && g_cmd.in_len == 0 && g_cmd.stdin_eof) {
+		if (g_cmd.tty_fd >= 0)
+			tty_write_eof(g_cmd.in_fd);
 		close_fd(&g_cmd.in_fd);
+	}
 }
 
 void on_stdin(const struct mvm_h2g *m)
@@ -222,6 +228,8 @@ void on_exec(const struct mvm_h2g *m)
 {
 	int rep[2] = { -1, -1 }, out[2] = { -1, -1 }, err[2] = { -1, -1 }, in[2] = { -1, -1 };
 	int want_stdin = (m->u.exec.flags & MVM_EXEC_F_STDIN) != 0;
+	int want_tty = (m->u.exec.flags & MVM_EXEC_F_TTY) != 0;
+	int tty = -1;
 	char buf[MVM_MAX_MSG + 8];
 	size_t got = 0;
 	pid_t pid;
@@ -231,31 +239,44 @@ void on_exec(const struct mvm_h2g *m)
 		tx_ctrl_error(MVM_E_BUSY, 0, "a command is already running");
 		return;
 	}
-	if (pipe2(rep, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
-	    (want_stdin && pipe2(in, O_CLOEXEC) < 0)) {
+	/* With a tty the slave is the command's stdin, stdout and stderr; the agent reads and writes
+	 * the master through dups of it, so that closing one direction leaves the others. */
+	if (pipe2(rep, O_CLOEXEC) < 0 ||
+	    (want_tty ? tty_open(m->u.exec.rows, m->u.exec.cols, &tty, &out[1]) < 0 ||
+				(out[0] = fcntl(tty, F_DUPFD_CLOEXEC, 0)) < 0 ||
+				(want_stdin && (in[1] = fcntl(tty, F_DUPFD_CLOEXEC, 0)) < 0)
+		      : pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 ||
+				(want_stdin && pipe2(in, O_CLOEXEC) < 0))) {
 		int e = errno;
 		close_fd(&rep[0]), close_fd(&rep[1]), close_fd(&out[0]), close_fd(&out[1]);
 		close_fd(&err[0]), close_fd(&err[1]), close_fd(&in[0]), close_fd(&in[1]);
+		close_fd(&tty);
 		p = tx_tail_ptr(MVM_MAX_CTRL_FRAME);
-		mvm_fmt_start_error(buf, sizeof(buf), "pipe", (const uint8_t *)"", 0, e);
+		mvm_fmt_start_error(buf, sizeof(buf), want_tty ? "pty" : "pipe", (const uint8_t *)"", 0, e);
 		tx_commit(mvm_enc_exit(p, MVM_EXIT_NOSTART, 126, buf, strlen(buf)));
 		return;
 	}
 	pid = fork();
 	if (pid == 0) {
 		close(rep[0]);
+		if (want_tty)
+			child_exec(m, rep[1], out[1], out[1], out[1]);
 		child_exec(m, rep[1], in[0], out[1], err[1]);
 	}
 	close_fd(&rep[1]), close_fd(&out[1]), close_fd(&err[1]), close_fd(&in[0]);
 	if (pid < 0) {
 		int e = errno;
 		close_fd(&rep[0]), close_fd(&out[0]), close_fd(&err[0]), close_fd(&in[1]);
+		close_fd(&tty);
 		p = tx_tail_ptr(MVM_MAX_CTRL_FRAME);
 		mvm_fmt_start_error(buf, sizeof(buf), "fork", (const uint8_t *)"", 0, e);
 		tx_commit(mvm_enc_exit(p, MVM_EXIT_NOSTART, 126, buf, strlen(buf)));
 		return;
 	}
-	setpgid(pid, pid); /* races with the child's own setpgid; either wins */
+	/* races with the child's own setpgid; either wins. Not with a tty: the child's setsid makes
+	 * the group, and would fail were it already a group leader. */
+	if (!want_tty)
+		setpgid(pid, pid);
 
 	/* wait for exec (report pipe closes) or a failure report */
 	for (;;) {
@@ -275,6 +296,7 @@ void on_exec(const struct mvm_h2g *m)
 		while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
 			;
 		close_fd(&out[0]), close_fd(&err[0]), close_fd(&in[1]);
+		close_fd(&tty);
 		p = tx_tail_ptr(MVM_MAX_CTRL_FRAME);
 		tx_commit(mvm_enc_exit(p, MVM_EXIT_NOSTART, (uint8_t)buf[0], buf + 1, got - 1));
 		return;
@@ -286,11 +308,13 @@ void on_exec(const struct mvm_h2g *m)
 	g_cmd.out_fd = out[0];
 	g_cmd.err_fd = err[0];
 	g_cmd.in_fd = in[1];
+	g_cmd.tty_fd = tty;
 	/* A command that writes faster than the host reads fills a 64 KiB pipe at once; a larger one
-	 * lets each wakeup of the agent move several frames (failure just keeps the default) */
+	 * lets each wakeup of the agent move several frames (on a pty it fails and changes nothing) */
 	fcntl(out[0], F_SETPIPE_SZ, OUTPUT_PIPE_SIZE);
 	set_nonblock(out[0]);
-	set_nonblock(err[0]);
+	if (err[0] >= 0)
+		set_nonblock(err[0]);
 	if (in[1] >= 0)
 		set_nonblock(in[1]);
 	if (m->u.exec.timeout_ms)

@@ -29,6 +29,9 @@ int mvm_parse_header(const uint8_t *hdr, uint32_t *len, uint8_t *type)
 	case MVM_H_SIGNAL:
 		min = max = 1;
 		break;
+	case MVM_H_RESIZE:
+		min = max = 4;
+		break;
 	case MVM_H_MOUNT:
 		min = 16;
 		max = MVM_MAX_PAYLOAD;
@@ -160,10 +163,16 @@ int mvm_parse_h2g(uint8_t type, const uint8_t *payload, uint32_t len, struct mvm
 		if (rd_u32(&r, &m->u.exec.envc) ||
 		    rd_str_list(&r, m->u.exec.envc, &m->u.exec.env, &total))
 			return -1;
+		m->u.exec.strbytes = total;
+		/* fields a flag appends are present exactly when it is set, in the flags' order; a zero
+		 * terminal size is malformed */
+		if ((m->u.exec.flags & MVM_EXEC_F_TTY) &&
+		    (rd_u16(&r, &m->u.exec.rows) || rd_u16(&r, &m->u.exec.cols) || !m->u.exec.rows ||
+		     !m->u.exec.cols))
+			return -1;
 		if ((m->u.exec.flags & MVM_EXEC_F_USER) &&
 		    (rd_u32(&r, &m->u.exec.uid) || rd_u32(&r, &m->u.exec.gid)))
 			return -1;
-		m->u.exec.strbytes = total;
 		break;
 	}
 	case MVM_H_STDIN:
@@ -175,6 +184,11 @@ int mvm_parse_h2g(uint8_t type, const uint8_t *payload, uint32_t len, struct mvm
 		break;
 	case MVM_H_SIGNAL:
 		if (rd_u8(&r, &m->u.signal.signo))
+			return -1;
+		break;
+	case MVM_H_RESIZE:
+		if (rd_u16(&r, &m->u.resize.rows) || rd_u16(&r, &m->u.resize.cols) ||
+		    !m->u.resize.rows || !m->u.resize.cols)
 			return -1;
 		break;
 	case MVM_H_MOUNT:

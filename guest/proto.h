@@ -27,6 +27,7 @@ enum {
 	MVM_H_UNMOUNT = 0x07,
 	MVM_H_SYNC = 0x08,
 	MVM_H_POWEROFF = 0x09,
+	MVM_H_RESIZE = 0x0a,
 };
 
 /* agent to host */
@@ -46,14 +47,16 @@ enum {
 	MVM_CAP_MOUNT = 1u << 1,
 	MVM_CAP_POWEROFF = 1u << 2,
 	MVM_CAP_TIME_ENTROPY = 1u << 3,
+	MVM_CAP_TTY = 1u << 4,
 	MVM_CAP_USER = 1u << 5,
 };
 
 enum {
 	MVM_EXEC_F_STDIN = 1u << 0,
 	MVM_EXEC_F_MKDIR_CWD = 1u << 1,
-	MVM_EXEC_F_USER = 1u << 3,
-	MVM_EXEC_F_ALL = MVM_EXEC_F_STDIN | MVM_EXEC_F_MKDIR_CWD | MVM_EXEC_F_USER,
+	MVM_EXEC_F_TTY = 1u << 2, /* appends u16 rows, u16 cols after env */
+	MVM_EXEC_F_USER = 1u << 3, /* appends u32 uid, u32 gid after those */
+	MVM_EXEC_F_ALL = MVM_EXEC_F_STDIN | MVM_EXEC_F_MKDIR_CWD | MVM_EXEC_F_TTY | MVM_EXEC_F_USER,
 };
 
 /* EXEC's gid asking for the uid's primary group from /etc/passwd (the uid itself without an entry) */
@@ -108,6 +111,7 @@ struct mvm_h2g {
 			uint32_t envc;
 			const uint8_t *env; /* envc encoded strings */
 			size_t strbytes;    /* sum of cwd/argv/env string lengths */
+			uint16_t rows, cols; /* with MVM_EXEC_F_TTY only, each >= 1 */
 			uint32_t uid, gid;  /* with MVM_EXEC_F_USER */
 		} exec;
 		struct {
@@ -117,6 +121,9 @@ struct mvm_h2g {
 		struct {
 			uint8_t signo;
 		} signal;
+		struct {
+			uint16_t rows, cols; /* each >= 1 */
+		} resize;
 		struct {
 			uint32_t flags;
 			struct mvm_str device, mountpoint, fstype;

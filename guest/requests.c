@@ -146,7 +146,7 @@ static uint32_t capabilities(void)
 {
 	uint32_t c = MVM_CAP_MOUNT | MVM_CAP_POWEROFF;
 	if (MVM_DEV_SHELL)
-		c |= MVM_CAP_EXEC | MVM_CAP_USER;
+		c |= MVM_CAP_EXEC | MVM_CAP_TTY | MVM_CAP_USER;
 	if (g_guest_mode)
 		c |= MVM_CAP_TIME_ENTROPY;
 	return c;
@@ -216,10 +216,14 @@ void handle_frame(uint8_t type, const uint8_t *payload, uint32_t len)
 	case MVM_H_SIGNAL:
 		on_signal(&m);
 		break;
+	case MVM_H_RESIZE:
+		on_resize(&m);
+		break;
 #else
 	case MVM_H_STDIN:
 	case MVM_H_STDIN_EOF:
 	case MVM_H_SIGNAL:
+	case MVM_H_RESIZE:
 		break; /* no command can be running */
 #endif
 	case MVM_H_MOUNT:

@@ -8,6 +8,6 @@ export { MicroVm } from './sdk/microvm.js';
 export type { AddDir, CommandOptions, ExecOptions, VmOptions } from './sdk/options.js';
 export { InvalidOptionError } from './sdk/parse.js';
 export { MvmError, NixUnavailableError } from './errors.js';
-export { AgentConnectionError, AgentRequestError, AgentTimeoutError, AgentVersionError, ExecUnavailableError, ProtocolError } from './protocol/errors.js';
+export { AgentConnectionError, AgentRequestError, AgentTimeoutError, AgentVersionError, ExecUnavailableError, ProtocolError, TtyUnavailableError } from './protocol/errors.js';
 export type { AccelChoice } from './accel/index.js';
 export type { BackendChoice } from './backends/index.js';

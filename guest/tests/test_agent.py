@@ -16,10 +16,10 @@ import tempfile
 import time
 import traceback
 
-HELLO, EXEC, STDIN, STDIN_EOF, SIGNAL, MOUNT, UNMOUNT, SYNC, POWEROFF = range(1, 10)
+HELLO, EXEC, STDIN, STDIN_EOF, SIGNAL, MOUNT, UNMOUNT, SYNC, POWEROFF, RESIZE = range(1, 11)
 G_HELLO, G_STARTED, G_STDOUT, G_STDERR, G_EXIT, G_OK, G_ERROR, G_STDIN_ACK = range(0x81, 0x89)
 E_PROTOCOL, E_VERSION, E_EXEC_UNAVAILABLE, E_BUSY, E_NOT_READY, E_BAD_REQUEST, E_MOUNT_FAILED = range(1, 8)
-F_STDIN, F_MKDIR = 1, 2
+F_STDIN, F_MKDIR, F_TTY = 1, 2, 4
 WINDOW = 262144
 UNAVAILABLE = b"exec is not available in this image (agent built without dev shell)"
 MARK = 4000 + os.getpid() % 1000  # unique sleep durations, to find leftover processes
@@ -43,11 +43,15 @@ F_USER = 8
 GID_OF_USER = 0xFFFFFFFF
 
 
-def exec_frame(argv, env=(), cwd=b"", flags=0, timeout=0, user=None):
+def exec_frame(argv, env=(), cwd=b"", flags=0, timeout=0, tty=None, user=None):
+    if tty:
+        flags |= F_TTY
     if user is not None:
         flags |= F_USER
     p = struct.pack(">II", timeout, flags) + s(cwd) + struct.pack(">I", len(argv))
     p += b"".join(s(a) for a in argv) + struct.pack(">I", len(env)) + b"".join(s(e) for e in env)
+    if tty:
+        p += struct.pack(">HH", *tty)
     if user is not None:
         p += struct.pack(">II", *user)
     return frame(EXEC, p)
@@ -253,8 +257,8 @@ def test(fn):
 def t_hello_caps(a, n):
     c = a.conn(do_hello=False)
     caps = c.hello()
-    assert caps == 0x27, hex(caps)  # EXEC|MOUNT|POWEROFF|USER, no TIME_ENTROPY natively
-    assert c.hello() == 0x27  # a second HELLO is answered again
+    assert caps == 0x37, hex(caps)  # EXEC|MOUNT|POWEROFF|TTY|USER, no TIME_ENTROPY natively
+    assert c.hello() == 0x37  # a second HELLO is answered again
     c.close()
     c = n.conn(do_hello=False)
     assert c.hello() == 0x6, "nodev must lack EXEC"
@@ -401,6 +405,40 @@ def t_stdin_cat(a, n):
     # no STDIN flag: stdin is /dev/null
     r = run(c, ["cat"])
     assert r.out == b"" and r.exit == (0, 0, b""), vars(r)
+    c.close()
+
+
+@test
+def t_tty(a, n):
+    c = a.conn()
+    # one output stream, a controlling terminal of the given size, its own session
+    r = run(c, ["sh", "-c", "tty; stty size; echo err >&2; exit 3"], tty=(30, 100))
+    assert r.exit == (0, 3, b"") and r.err == b"", vars(r)
+    assert b"/dev/pts/" in r.out and b"30 100" in r.out and b"err" in r.out, vars(r)
+    # input goes through the line discipline: RESIZE is seen, ^C interrupts the foreground
+    # process group and not the shell, STDIN_EOF is ^D
+    c.send(exec_frame([b"sh"], flags=F_STDIN, tty=(24, 80)))
+    r = Result()
+    c.send(frame(RESIZE, struct.pack(">HH", 40, 120)))
+    c.send(frame(STDIN, b"stty size; echo mark-$((6*7))\n"))
+    while b"mark-42" not in r.out:
+        t, p = c.recv()
+        if t == G_STDOUT:
+            r.out += p
+        elif t == G_STARTED:
+            r.pid = struct.unpack(">I", p)[0]
+    assert b"40 120" in r.out, r.out
+    c.send(frame(STDIN, b"sleep %d\n" % (MARK + 7)))
+    time.sleep(0.5)
+    c.send(frame(STDIN, b"\x03"))
+    c.send(frame(STDIN, b"echo rc=$?; exit 5\n"))
+    r = collect(c, r=r)
+    assert r.exit == (0, 5, b"") and b"rc=130" in r.out, vars(r)
+    c.send(exec_frame([b"cat"], flags=F_STDIN, tty=(24, 80)))
+    c.send(frame(STDIN, b"abc\n"))
+    c.send(frame(STDIN_EOF))
+    r = collect(c)
+    assert r.exit == (0, 0, b"") and r.out.count(b"abc") == 2, vars(r)  # echo, then cat
     c.close()
 
 
@@ -603,7 +641,7 @@ def t_bad_request(a, n):
     expect_error(c, E_BAD_REQUEST, 0)
     c.send(frame(SIGNAL, bytes([65])))
     expect_error(c, E_BAD_REQUEST, 0)
-    c.send(exec_frame([b"true"], flags=1 << 8))
+    c.send(exec_frame([b"true"], flags=0x80000000))
     expect_error(c, E_BAD_REQUEST, 0)
     c.send(exec_frame([b"true"], user=(0xFFFFFFFF, 0)))
     expect_error(c, E_BAD_REQUEST, 0)

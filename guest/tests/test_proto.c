@@ -185,6 +185,20 @@ static void check_h2g_fields(const struct vec *v, const struct mvm_h2g *m)
 	} else if (!strcmp(nm, "exec_user_primary_gid")) {
 		check(m->type == MVM_H_EXEC && m->u.exec.uid == 65534 && m->u.exec.gid == MVM_GID_OF_USER,
 		      "%s: fields", nm);
+	} else if (!strcmp(nm, "exec_tty_user")) {
+		check(m->type == MVM_H_EXEC && m->u.exec.flags == (MVM_EXEC_F_TTY | MVM_EXEC_F_USER) &&
+			      m->u.exec.rows == 30 && m->u.exec.cols == 100 && m->u.exec.uid == 1000 &&
+			      m->u.exec.gid == 1000,
+		      "%s: fields", nm);
+	} else if (!strcmp(nm, "exec_tty")) {
+		static const char *const argv[] = { "sh" };
+		check(m->type == MVM_H_EXEC && m->u.exec.flags == MVM_EXEC_F_TTY &&
+			      list_eq(m->u.exec.argv, m->u.exec.argc, argv, 1) && m->u.exec.envc == 0 &&
+			      m->u.exec.rows == 30 && m->u.exec.cols == 100,
+		      "%s: fields", nm);
+	} else if (!strcmp(nm, "resize")) {
+		check(m->type == MVM_H_RESIZE && m->u.resize.rows == 40 && m->u.resize.cols == 120,
+		      "%s: fields", nm);
 	} else if (!strcmp(nm, "stdin")) {
 		check(m->type == MVM_H_STDIN && m->u.stdin_data.len == 4 &&
 			      memcmp(m->u.stdin_data.data, "abc\n", 4) == 0,
@@ -317,7 +331,7 @@ static void test_units(void)
 	      "signal 65 refused");
 	/* EXEC with a flag bit no version defines */
 	memset(buf, 0, sizeof(buf));
-	mvm_put_u32(buf + 4, 1u << 8);
+	mvm_put_u32(buf + 4, 0x80000000u);
 	mvm_put_u32(buf + 12, 1);
 	mvm_put_u32(buf + 16, 1);
 	buf[20] = 'x';
@@ -482,6 +496,11 @@ static int walk_ok(const struct mvm_h2g *m, const uint8_t *base, size_t plen)
 		total += s.len;
 	}
 	/* the fields flags append follow the strings */
+	if (m->u.exec.flags & MVM_EXEC_F_TTY) {
+		if (!m->u.exec.rows || !m->u.exec.cols)
+			return 0;
+		cur += 4;
+	}
 	if (m->u.exec.flags & MVM_EXEC_F_USER)
 		cur += 8;
 	return total == m->u.exec.strbytes && cur == base + plen;
@@ -528,6 +547,8 @@ static void test_fuzz(long iters)
 				if (!bad++)
 					printf("FAIL fuzz: inconsistent EXEC parse at iteration %ld\n", it);
 			}
+			if (m.type == MVM_H_RESIZE && (!m.u.resize.rows || !m.u.resize.cols))
+				bad++;
 			if (m.type == MVM_H_HELLO && m.u.hello.n > MVM_MAX_ENTROPY)
 				bad++;
 			if (m.type == MVM_H_STDIN &&

@@ -7,6 +7,7 @@ import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js'
 import { commandOutput, type CommandOutput } from './command-output.js';
 import { collect, logLine, parseGuestDir, parseIntegerIn, parseUserFlag, USER_FLAG_HELP } from './parse.js';
 import { runInterruptibly } from './signals.js';
+import { attachHostTerminal, hostTtySize, refuseJsonWithTty } from './tty.js';
 import { addVmFlags, vmOptionsFromFlags, type VmFlags } from './vm-flags.js';
 
 interface ExecFlags extends VmFlags {
@@ -16,6 +17,7 @@ interface ExecFlags extends VmFlags {
   workdir?: string;
   user?: string;
   interactive?: boolean;
+  tty?: boolean;
   verbose?: boolean;
   launchPlan?: string;
   json?: boolean;
@@ -32,6 +34,7 @@ export function execCommand(): Command {
     .option('-w, --workdir <DIR>', 'run the command in this absolute guest directory, created if missing', parseGuestDir)
     .option('-u, --user <UID[:GID]>', USER_FLAG_HELP, parseUserFlag)
     .option('-i, --interactive', "forward stdin to the command (otherwise its stdin is /dev/null)")
+    .option('-t, --tty', "a terminal for the command in the guest, as docker run -t: stdout and stderr become one stream; with -i and a terminal here, it is put in raw mode so keys such as Ctrl-C go to the guest (size: this terminal's, else 24x80)")
     .option('-v, --verbose', 'show the guest console and timings on stderr')
     .option('--launch-plan <path>', 'run the entrypoint of a launch.json artifact or single-app Workload IR manifest')
     .option('--json', 'newline-delimited JSON events on stdout (started, stdout, stderr, exit or error; docs/json-events.md) instead of the raw output');
@@ -48,6 +51,7 @@ async function run(argv: string[], flags: ExecFlags, output: CommandOutput, sign
   // Usage errors in the flags' own terms; exec() would name its options instead.
   if (flags.launchPlan !== undefined && argv.length > 0) throw new MvmError('--launch-plan supplies the command: give either it or a command after --, not both');
   if (flags.launchPlan === undefined && argv.length === 0) throw new MvmError('no command given: usage is mvmctl exec [options] -- CMD [ARGS...] (or --launch-plan PATH)');
+  refuseJsonWithTty(flags);
   // The SDK's timings count from this call.
   const calledAt = performance.now();
   const handle = exec(argv, {
@@ -59,6 +63,7 @@ async function run(argv: string[], flags: ExecFlags, output: CommandOutput, sign
     timeout: flags.timeout,
     launchPlan: flags.launchPlan,
     stdin: flags.interactive,
+    ...(flags.tty ? { tty: hostTtySize() } : {}),
     signal,
     onStarted: ({ name, timings }) => output.started(name, timings, calledAt),
     onProgress: progressReporter({ force: flags.verbose }),
@@ -67,9 +72,11 @@ async function run(argv: string[], flags: ExecFlags, output: CommandOutput, sign
   });
   output.attach(handle.stdout, handle.stderr);
   if (handle.stdin) process.stdin.pipe(handle.stdin);
+  const restoreTerminal = flags.tty ? attachHostTerminal(flags.interactive ?? false, ({ rows, cols }) => handle.resize(rows, cols)) : () => {};
   try {
     return await handle.exited;
   } finally {
+    restoreTerminal();
     // A stdin that is no longer piped anywhere stops being read, so mvmctl can exit.
     if (handle.stdin) process.stdin.unpipe(handle.stdin);
   }

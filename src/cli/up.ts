@@ -12,6 +12,7 @@ import { commandOutput, type CommandOutput } from './command-output.js';
 import { collect, logLine, parseIntegerIn, parseUserFlag, USER_FLAG_HELP } from './parse.js';
 import { Interrupted, runInterruptibly } from './signals.js';
 import { addVmFlags, vmOptionsFromFlags, type VmFlags } from './vm-flags.js';
+import { attachHostTerminal, hostTtySize, refuseJsonWithTty } from './tty.js';
 
 interface UpFlags extends VmFlags {
   name?: string;
@@ -42,6 +43,7 @@ interface ConsoleFlags {
   env: string[];
   interactive?: boolean;
   user?: string;
+  tty?: boolean;
   timeout: number;
   json?: boolean;
 }
@@ -56,6 +58,7 @@ export function consoleCommand(): Command {
     .option('-e, --env <KEY=VALUE>', 'set an environment variable for the command (repeatable)', collect, [])
     .option('-i, --interactive', 'forward stdin to the command (otherwise its stdin is /dev/null)')
     .option('-u, --user <UID[:GID]>', USER_FLAG_HELP, parseUserFlag)
+    .option('-t, --tty', "a terminal for the command in the guest, as docker run -t: stdout and stderr become one stream; with -i and a terminal here, it is put in raw mode so keys such as Ctrl-C go to the guest (size: this terminal's, else 24x80)")
     .option('--timeout <seconds>', 'kill the command (exit 124) after this many seconds', parseIntegerIn(TIMEOUT_SECONDS_RANGE.min, TIMEOUT_SECONDS_RANGE.max), DEFAULT_TIMEOUT_SECONDS)
     .option('--json', 'newline-delimited JSON events on stdout (started, stdout, stderr, exit or error; docs/json-events.md) instead of the raw output')
     .action(async (name: string, argv: string[], flags: ConsoleFlags) => {
@@ -66,6 +69,7 @@ export function consoleCommand(): Command {
 
 async function runConsole(name: string, argv: string[], flags: ConsoleFlags, output: CommandOutput): Promise<ExecResult> {
   if ((flags.command === undefined) === (argv.length === 0)) throw new MvmError('give the command either as --command "..." or after --, not both or neither');
+  refuseJsonWithTty(flags);
   // The client writes the command's output as it comes; these carry it to the output, and end with the run.
   const stdout = new PassThrough();
   const stderr = new PassThrough();
@@ -79,6 +83,7 @@ async function runConsole(name: string, argv: string[], flags: ConsoleFlags, out
         ...(flags.user === undefined ? {} : { user: flags.user }),
         timeout: flags.timeout,
         interactive: flags.interactive ?? false,
+        ...(flags.tty ? { tty: hostTtySize() } : {}),
       },
       { stdin: process.stdin, stdout, stderr, log: logLine, onStarted: (vm) => output.started(vm, { commandStartedMs: performance.now() }) },
     );
@@ -94,9 +99,11 @@ async function runConsole(name: string, argv: string[], flags: ConsoleFlags, out
     };
     const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
     for (const signal of signals) process.on(signal, onSignal);
+    const restoreTerminal = flags.tty ? attachHostTerminal(flags.interactive ?? false, ({ rows, cols }) => run.resize(rows, cols)) : () => {};
     try {
       return await run.exited;
     } finally {
+      restoreTerminal();
       for (const signal of signals) process.removeListener(signal, onSignal);
     }
   } finally {

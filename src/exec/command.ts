@@ -4,7 +4,7 @@ import { finished } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { RunningVm } from '../backends/types.js';
 import { MvmError } from '../errors.js';
-import { AgentConnectionError, type AgentSession, type ExecHandle, type ExecUser, type ExitStatus } from '../protocol/index.js';
+import { AgentConnectionError, type AgentSession, type ExecHandle, type ExecUser, type ExitStatus, type TtySize } from '../protocol/index.js';
 
 export interface CommandRequest {
   argv: string[];
@@ -18,6 +18,8 @@ export interface CommandRequest {
   timeoutSeconds: number;
   /** Forward `io.stdin` to the command; otherwise its stdin is /dev/null. */
   interactive: boolean;
+  /** Run it on a terminal of this size in the guest; its output then all comes on stdout. */
+  tty?: TtySize;
 }
 
 export interface CommandIo {
@@ -27,7 +29,7 @@ export interface CommandIo {
   /** Diagnostics for the user, one line each. */
   log: (line: string) => void;
   /** Called once the agent has answered the command: its `signal(signo)` reaches the command's process group; `pid` is null when it could not start. */
-  onCommandStarted?: (command: Pick<ExecHandle, 'signal' | 'pid'>) => void;
+  onCommandStarted?: (command: Pick<ExecHandle, 'signal' | 'pid' | 'resize'>) => void;
 }
 
 /** Grace the host gives the agent to report its own deadline before it kills the whole VM. */
@@ -56,6 +58,7 @@ export async function runCommand(
     ...(request.user ? { user: request.user } : {}),
     timeoutMs: request.timeoutSeconds * 1000,
     stdin: request.interactive,
+    ...(request.tty ? { tty: request.tty } : {}),
     signal,
   });
   io.onCommandStarted?.(handle);

@@ -17,7 +17,7 @@ export interface ExecIo extends VmIo {
   /** Called once the VM is up (booted or restored, its directories mounted), before the command is sent. */
   onVmReady?: (name: string) => void;
   /** Called once the agent has answered the command: its `signal(signo)` reaches the command's process group; `pid` is null when it could not start. */
-  onCommandStarted?: (command: Pick<ExecHandle, 'signal' | 'pid'>) => void;
+  onCommandStarted?: (command: Pick<ExecHandle, 'signal' | 'pid' | 'resize'>) => void;
 }
 
 export interface ExecDeps extends VmDeps {

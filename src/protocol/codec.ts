@@ -23,6 +23,8 @@ export type HostMessage =
       cwd: Bytes;
       argv: readonly Bytes[];
       env: readonly Bytes[];
+      /** Run on a pseudo-terminal of this size. The encoder sets the TTY flag from its presence; the decoder fills it when the flag is set. */
+      tty?: TtySize;
       /** Sent, with the USER flag set, when present. */
       user?: ExecUser;
     }
@@ -32,7 +34,14 @@ export type HostMessage =
   | { type: 'mount'; flags: number; device: Bytes; mountpoint: Bytes; fstype: Bytes }
   | { type: 'unmount'; mountpoint: Bytes }
   | { type: 'sync' }
-  | { type: 'poweroff' };
+  | { type: 'poweroff' }
+  | ({ type: 'resize' } & TtySize);
+
+/** A terminal's size; each is 1 to 65535. */
+export interface TtySize {
+  rows: number;
+  cols: number;
+}
 
 /** Who an EXEC runs as; `gid` may be GID_OF_USER. */
 export interface ExecUser {
@@ -64,6 +73,13 @@ function bytesOf(value: Bytes, what: string): Buffer {
 function checkUint(value: number, max: number, what: string): void {
   if (!Number.isInteger(value) || value < 0 || value > max) {
     throw new InvalidRequestError(`${what} must be an integer from 0 to ${max}, got ${value}`);
+  }
+}
+
+function checkSize(size: TtySize, what: string): void {
+  for (const k of ['rows', 'cols'] as const) {
+    const v = size[k];
+    if (!Number.isInteger(v) || v < 1 || v > 0xffff) throw new InvalidRequestError(`${what} ${k} must be an integer from 1 to 65535, got ${v}`);
   }
 }
 
@@ -145,7 +161,6 @@ export function encodeFrame(msg: HostMessage): Buffer {
     case 'exec': {
       checkUint(msg.timeoutMs, 0xffffffff, 'EXEC timeout_ms');
       checkUint(msg.flags, 0xffffffff, 'EXEC flags');
-      if ((msg.flags & ExecFlag.USER) !== 0 && !msg.user) throw new InvalidRequestError('EXEC flag USER needs the user field');
       if (msg.user) {
         checkUint(msg.user.uid, 0xfffffffe, 'EXEC uid');
         checkUint(msg.user.gid, 0xffffffff, 'EXEC gid');
@@ -154,12 +169,18 @@ export function encodeFrame(msg: HostMessage): Buffer {
       const cwd = bytesOf(msg.cwd, 'cwd');
       const argv = msg.argv.map((a, i) => bytesOf(a, `argv[${i}]`));
       const env = msg.env.map((e, i) => bytesOf(e, `env[${i}]`));
-      const userSize = msg.user ? 8 : 0;
-      const w = new Writer(HostType.EXEC, 4 + 4 + 4 + cwd.length + 4 + stringsSize(argv) + 4 + stringsSize(env) + userSize);
-      w.u32(msg.timeoutMs).u32(msg.flags | (msg.user ? ExecFlag.USER : 0)).string(cwd).u32(argv.length);
+      if (msg.tty) checkSize(msg.tty, 'EXEC tty');
+      // A flag that appends fields travels with them: it is derived from the field, never taken alone.
+      let flags = msg.flags & ~(ExecFlag.TTY | ExecFlag.USER);
+      if (msg.tty) flags |= ExecFlag.TTY;
+      if (msg.user) flags |= ExecFlag.USER;
+      const appended = (msg.tty ? 4 : 0) + (msg.user ? 8 : 0);
+      const w = new Writer(HostType.EXEC, 4 + 4 + 4 + cwd.length + 4 + stringsSize(argv) + 4 + stringsSize(env) + appended);
+      w.u32(msg.timeoutMs).u32(flags >>> 0).string(cwd).u32(argv.length);
       for (const a of argv) w.string(a);
       w.u32(env.length);
       for (const e of env) w.string(e);
+      if (msg.tty) w.u16(msg.tty.rows).u16(msg.tty.cols);
       if (msg.user) w.u32(msg.user.uid).u32(msg.user.gid);
       return w.done();
     }
@@ -186,6 +207,9 @@ export function encodeFrame(msg: HostMessage): Buffer {
       return empty(HostType.SYNC);
     case 'poweroff':
       return empty(HostType.POWEROFF);
+    case 'resize':
+      checkSize(msg, 'RESIZE');
+      return new Writer(HostType.RESIZE, 4).u16(msg.rows).u16(msg.cols).done();
   }
 }
 
@@ -340,6 +364,13 @@ function checkExitCode(kind: ExitKind, code: number): void {
   if (!ok) throw new ProtocolError(`EXIT kind ${kind} with code ${code} is out of range`);
 }
 
+function readSize(r: Reader, what: string): TtySize {
+  const rows = r.u16();
+  const cols = r.u16();
+  if (rows < 1 || cols < 1) throw new ProtocolError(`${what} rows and cols must be at least 1, got ${rows}x${cols}`);
+  return { rows, cols };
+}
+
 const hostDirection: Direction<HostMessage> = {
   name: (type) => hostNames[type],
   parse(type, payload) {
@@ -361,8 +392,9 @@ const hostDirection: Direction<HostMessage> = {
         const argv = Array.from({ length: argc }, () => r.string());
         const envc = r.count('envc');
         const env = Array.from({ length: envc }, () => r.string());
-        const user = (flags & ExecFlag.USER) !== 0 ? { uid: r.u32(), gid: r.u32() } : undefined;
-        return r.end({ type: 'exec', timeoutMs, flags, cwd, argv, env, ...(user ? { user } : {}) });
+        const tty = flags & ExecFlag.TTY ? readSize(r, 'EXEC tty') : undefined;
+        const user = flags & ExecFlag.USER ? { uid: r.u32(), gid: r.u32() } : undefined;
+        return r.end({ type: 'exec', timeoutMs, flags, cwd, argv, env, ...(tty ? { tty } : {}), ...(user ? { user } : {}) });
       }
       case HostType.STDIN:
         return { type: 'stdin', data: payload };
@@ -376,6 +408,8 @@ const hostDirection: Direction<HostMessage> = {
         return r.end({ type: 'unmount', mountpoint: r.string() });
       case HostType.SYNC:
         return r.end({ type: 'sync' });
+      case HostType.RESIZE:
+        return r.end({ type: 'resize', ...readSize(r, 'RESIZE') });
       default:
         return r.end({ type: 'poweroff' });
     }

@@ -28,6 +28,7 @@ export const HostType = {
   UNMOUNT: 0x07,
   SYNC: 0x08,
   POWEROFF: 0x09,
+  RESIZE: 0x0a,
 } as const;
 
 export const AgentType = {
@@ -46,12 +47,14 @@ export const Capability = {
   MOUNT: 1 << 1,
   POWEROFF: 1 << 2,
   TIME_ENTROPY: 1 << 3,
+  TTY: 1 << 4,
   USER: 1 << 5,
 } as const;
 
 export const ExecFlag = {
   STDIN: 1 << 0,
   MKDIR_CWD: 1 << 1,
+  TTY: 1 << 2,
   USER: 1 << 3,
 } as const;
 

@@ -65,6 +65,14 @@ export class AgentRequestError extends MvmError {
   }
 }
 
+/** A terminal was asked for, and the image's agent is older than TTY support (it would refuse the EXEC). */
+export class TtyUnavailableError extends MvmError {
+  constructor(agentVersion: string) {
+    super(`this image's guest agent (${agentVersion}) cannot give a command a terminal: rebuild the image or template with this mvmctl, or run without -t`);
+    this.name = 'TtyUnavailableError';
+  }
+}
+
 /** The image's agent was built without the dev shell, so it runs no commands. */
 export class ExecUnavailableError extends AgentRequestError {
   constructor(message: string) {

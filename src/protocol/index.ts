@@ -11,6 +11,7 @@ export {
   type Direction,
   type ExecUser,
   type HostMessage,
+  type TtySize,
 } from './codec.js';
 export {
   AgentSession,

@@ -13,7 +13,7 @@ import {
   PROTOCOL_VERSION,
   STDIN_WINDOW,
 } from './constants.js';
-import { encodeFrame, FrameDecoder, type AgentMessage, type ExecUser, type HostMessage } from './codec.js';
+import { encodeFrame, FrameDecoder, type AgentMessage, type ExecUser, type HostMessage, type TtySize } from './codec.js';
 import {
   AgentConnectionError,
   AgentTimeoutError,
@@ -23,6 +23,7 @@ import {
   InvalidRequestError,
   ProtocolError,
   SessionAbortedError,
+  TtyUnavailableError,
 } from './errors.js';
 
 /** How a command ended. `code` is the exit status, the signal number, or 126/127 for spawnFailed. */
@@ -82,6 +83,12 @@ export interface ExecOptions {
   stdin?: boolean;
   /** Create `cwd` and its parents if missing. */
   mkdirCwd?: boolean;
+  /**
+   * Run on a pseudo-terminal of this size: everything the command writes comes on `stdout` (stderr
+   * stays empty), and stdin goes through the terminal (a Ctrl-C byte interrupts its foreground job).
+   * Needs an agent with the TTY capability, else TtyUnavailableError.
+   */
+  tty?: TtySize;
   /** Run as this user (`gid` may be GID_OF_USER); needs the agent's USER capability. Default: root. */
   user?: ExecUser;
   /** Aborting it ends the whole session, which kills the command. */
@@ -103,6 +110,8 @@ export interface ExecHandle {
   readonly exit: Promise<ExitStatus>;
   /** Sends `signo` (1–64) to the command's process group; a no-op once the command has ended. */
   signal(signo: number): void;
+  /** Sets the terminal's size (the command gets SIGWINCH); a no-op without a terminal or once the command has ended. */
+  resize(rows: number, cols: number): void;
 }
 
 /** Readable buffer per output stream; above it the session stops reading the transport. */
@@ -144,6 +153,7 @@ class ExecRun implements ExecHandle {
     readonly pid: number | null,
     withStdin: boolean,
     private readonly link: RunLink,
+    private readonly tty = false,
   ) {
     this.exit = new Promise<ExitStatus>((resolve, reject) => {
       this.resolveExit = resolve;
@@ -215,6 +225,13 @@ class ExecRun implements ExecHandle {
       throw new InvalidRequestError(`signal must be an integer from 1 to ${MAX_SIGNAL}, got ${signo}`);
     }
     if (!this.done) this.link.send({ type: 'signal', signo });
+  }
+
+  resize(rows: number, cols: number): void {
+    // Encoding checks the size before anything is sent.
+    const message: HostMessage = { type: 'resize', rows, cols };
+    encodeFrame(message);
+    if (this.tty && !this.done) this.link.send(message);
   }
 
   finish(status: ExitStatus): void {
@@ -307,6 +324,8 @@ export class AgentSession {
   async exec(options: ExecOptions): Promise<ExecHandle> {
     this.checkOpen();
     if (this.execBusy) throw new InvalidRequestError('a command is already running in this guest agent session');
+    // An older agent would answer the TTY flag with a BAD_REQUEST that says less.
+    if (options.tty && !this.hasCapability(Capability.TTY)) throw new TtyUnavailableError(this.agentVersion);
     if (options.user && !this.hasCapability(Capability.USER)) {
       throw new InvalidRequestError(`this image's agent (${this.agentVersion}) cannot run a command as another user; rebuild the image or template`);
     }
@@ -321,6 +340,7 @@ export class AgentSession {
         if (key === '' || key.includes('=')) throw new InvalidRequestError(`invalid environment variable name ${JSON.stringify(key)}`);
         return `${key}=${value}`;
       }),
+      ...(options.tty ? { tty: options.tty } : {}),
     });
     const stopAbort = options.signal ? this.abortOn(options.signal) : noop;
     this.checkOpen();
@@ -342,7 +362,7 @@ export class AgentSession {
         kind: 'exec',
         started: (pid) => {
           answered();
-          this.current = new ExecRun(pid, options.stdin === true, link);
+          this.current = new ExecRun(pid, options.stdin === true, link, options.tty !== undefined);
           resolve(this.current);
         },
         spawnFailed: (status) => {

@@ -7,8 +7,8 @@ import { constants } from 'node:os';
 import { PassThrough, Readable, Writable } from 'node:stream';
 import { execInMicroVm, type ExecIo } from '../exec/run.js';
 import { silentProgress } from '../progress.js';
-import { exitStatusToCode, MAX_SIGNAL, type ExecHandle as AgentExecHandle, type ExitStatus } from '../protocol/index.js';
-import { qemuProvider, resolveExec, type ExecOptions, type VmProvider } from './options.js';
+import { exitStatusToCode, MAX_SIGNAL, type ExecHandle as AgentExecHandle, type ExitStatus, type TtySize } from '../protocol/index.js';
+import { qemuProvider, resolveExec, ttySize, type ExecOptions, type VmProvider } from './options.js';
 
 export interface ExecResult {
   /** As `mvmctl exec` exits: the command's own code, 128+N for signal N, 124 on timeout, 126/127 when it could not start. */
@@ -52,6 +52,11 @@ export interface ExecHandle {
    * 128+N if it dies of it. Before the command has started, the signal waits and is sent as it starts.
    */
   kill(signal?: NodeJS.Signals | number): void;
+  /**
+   * With `options.tty`: sets the guest terminal's size (its programs get SIGWINCH). Before the
+   * command has started the last size given waits and is set as it starts; without a tty a no-op.
+   */
+  resize(rows: number, cols: number): void;
 }
 
 /** exec() over a given VmProvider (tests pass a scripted guest; the API uses QEMU). */
@@ -81,6 +86,7 @@ export function commandHandle(wantStdin: boolean, work: (streams: RunStreams) =>
     ...(stdin ? { stdin } : {}),
     exited,
     kill: (signal = 'SIGKILL') => command.send(signalNumber(signal)),
+    resize: (rows, cols) => command.resize(ttySize({ rows, cols }, 'resize')),
   };
 }
 
@@ -134,7 +140,7 @@ export function commandIo(streams: RunStreams, log: (line: string) => void, onSt
     stdout: streams.stdout,
     stderr: streams.stderr,
     log,
-    onCommandStarted: (started: Pick<AgentExecHandle, 'signal' | 'pid'>) => {
+    onCommandStarted: (started: Pick<AgentExecHandle, 'signal' | 'pid' | 'resize'>) => {
       streams.command.start(started);
       if (started.pid !== null) onStarted();
     },
@@ -168,15 +174,23 @@ async function run(argv: readonly string[], options: ExecOptions, provider: VmPr
   return execResult(status);
 }
 
-/** Signals asked for before the command started wait here, and go out in order as it starts. */
+/** Signals asked for before the command started wait here, and go out in order as it starts; so does the last resize. */
 export class PendingSignals {
-  private command: Pick<AgentExecHandle, 'signal'> | undefined;
+  private command: Pick<AgentExecHandle, 'signal' | 'resize'> | undefined;
   private readonly waiting: number[] = [];
+  private size: TtySize | undefined;
   private closed = false;
 
-  start(command: Pick<AgentExecHandle, 'signal'>): void {
+  start(command: Pick<AgentExecHandle, 'signal' | 'resize'>): void {
     this.command = command;
+    if (this.size) command.resize(this.size.rows, this.size.cols);
     for (const signo of this.waiting.splice(0)) command.signal(signo);
+  }
+
+  resize(size: TtySize): void {
+    if (this.closed) return;
+    if (this.command) this.command.resize(size.rows, size.cols);
+    else this.size = size;
   }
 
   send(signo: number): void {

@@ -79,6 +79,12 @@ export interface ExecOptions {
   launchPlan?: string;
   /** Give the command a stdin stream (`handle.stdin`); otherwise its stdin is /dev/null. */
   stdin?: boolean;
+  /**
+   * Run the command on a terminal in the guest, as `docker run -t`: `true` for 24 rows by 80
+   * columns, or a size. Its stdout and stderr are then one stream, `handle.stdout`; `handle.resize()`
+   * changes the size. Needs an image whose agent supports it (TtyUnavailableError otherwise).
+   */
+  tty?: boolean | { rows: number; cols: number };
   /** Aborting it tears the VM down; `exited` then rejects with its reason. */
   signal?: AbortSignal;
   /** Called once the command has started in the guest (not for one that could not be executed: `exited` then gives 126/127). */
@@ -112,7 +118,7 @@ export type VmOptions = Pick<
 };
 
 /** What a command is: the options `vm.exec` takes. */
-export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'createCwd' | 'user' | 'timeout' | 'stdin' | 'signal' | 'onStarted' | 'onWarning'>;
+export type CommandOptions = Pick<ExecOptions, 'env' | 'cwd' | 'createCwd' | 'user' | 'timeout' | 'stdin' | 'tty' | 'signal' | 'onStarted' | 'onWarning'>;
 
 export interface ResolvedVm {
   request: Omit<VmRequest, 'label'>;
@@ -150,7 +156,9 @@ export async function resolveExec(argv: readonly string[], options: ExecOptions,
 
 /** Checks a command's options (no files read). With `launchPlan`, argv must be empty: the plan supplies it. */
 export function resolveCommand(argv: readonly string[], options: CommandOptions, { launchPlan }: { launchPlan?: string } = {}): CommandRequest {
-  const env = checkEnv(options.env ?? {});
+  const tty = resolveTty(options.tty);
+  // Programs on a terminal look at TERM to decide what they may send it; docker sets one too.
+  const env = { ...(tty ? { TERM: 'xterm' } : {}), ...checkEnv(options.env ?? {}) };
   const timeoutSeconds = integerIn(options.timeout ?? DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE, 'timeout');
   checkCommand(argv, launchPlan);
   if (options.cwd !== undefined) checkGuestString('cwd', options.cwd, { absolute: true });
@@ -162,7 +170,27 @@ export function resolveCommand(argv: readonly string[], options: CommandOptions,
     ...(options.user !== undefined ? { user: parseUser(options.user, 'user') } : {}),
     timeoutSeconds,
     interactive: options.stdin ?? false,
+    ...(tty ? { tty } : {}),
   };
+}
+
+/** The size a terminal gets when none is given, as a terminal emulator opens. */
+export const DEFAULT_TTY_SIZE = { rows: 24, cols: 80 } as const;
+
+/** A terminal size, checked: whole numbers from 1 to 65535. */
+export function ttySize(size: { rows: number; cols: number }, option: string): { rows: number; cols: number } {
+  for (const key of ['rows', 'cols'] as const) {
+    const v = size?.[key];
+    if (!Number.isInteger(v) || v < 1 || v > 0xffff) throw new InvalidOptionError(option, `${key} must be a whole number from 1 to 65535, got ${String(v)}`);
+  }
+  return { rows: size.rows, cols: size.cols };
+}
+
+function resolveTty(tty: CommandOptions['tty']): { rows: number; cols: number } | undefined {
+  if (tty === undefined || tty === false) return undefined;
+  if (tty === true) return { ...DEFAULT_TTY_SIZE };
+  if (typeof tty !== 'object' || tty === null) throw new InvalidOptionError('tty', 'expected true, false or { rows, cols }');
+  return ttySize(tty, 'tty');
 }
 
 /** Checks a VM's options (cheap checks first, files and templates after) and resolves what to boot. */

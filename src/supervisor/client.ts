@@ -88,6 +88,8 @@ export interface ConsoleRequest {
   user?: string;
   timeout: number;
   interactive: boolean;
+  /** A terminal of this size in the guest. */
+  tty?: { rows: number; cols: number };
 }
 
 export interface ConsoleIo {
@@ -104,6 +106,8 @@ export interface ConsoleRun {
   exited: Promise<ExecResult>;
   /** Sends a signal to the command's process group. */
   signal(signo: number): void;
+  /** Sets the guest terminal's size, with `tty`. */
+  resize(rows: number, cols: number): void;
   /** Leaves: the supervisor kills the command. */
   detach(): void;
 }
@@ -111,7 +115,7 @@ export interface ConsoleRun {
 /** Runs a command in the VM `name` through its supervisor, streaming as `exec` does. */
 export async function consoleRun(name: string, request: ConsoleRequest, io: ConsoleIo): Promise<ConsoleRun> {
   const socket = await connectControl(name);
-  send(socket, { type: 'exec', argv: request.argv, env: request.env, ...(request.cwd ? { cwd: request.cwd } : {}), ...(request.user !== undefined ? { user: request.user } : {}), timeout: request.timeout, stdin: request.interactive });
+  send(socket, { type: 'exec', argv: request.argv, env: request.env, ...(request.cwd ? { cwd: request.cwd } : {}), ...(request.user !== undefined ? { user: request.user } : {}), timeout: request.timeout, stdin: request.interactive, ...(request.tty ? { tty: request.tty } : {}) });
   if (request.interactive) {
     io.stdin.on('data', (chunk: Buffer) => {
       if (!send(socket, { type: 'stdin', data: chunk.toString('base64') })) {
@@ -154,6 +158,7 @@ export async function consoleRun(name: string, request: ConsoleRequest, io: Cons
   return {
     exited,
     signal: (signo) => void send(socket, { type: 'signal', signal: signo }),
+    resize: (rows, cols) => void send(socket, { type: 'resize', rows, cols }),
     detach: () => socket.destroy(),
   };
 }

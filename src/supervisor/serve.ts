@@ -101,7 +101,13 @@ function serveClient(socket: Socket, vm: MicroVm, { onStop }: { onStop: (socket:
       }
     } else if (message.type === 'stdin-eof') handle.stdin?.end();
     else if (message.type === 'signal' && typeof message.signal === 'number') handle.kill(message.signal);
-    else socket.destroy();
+    else if (message.type === 'resize' && typeof message.rows === 'number' && typeof message.cols === 'number') {
+      try {
+        handle.resize(message.rows, message.cols);
+      } catch {
+        socket.destroy();
+      }
+    } else socket.destroy();
   });
   // A client that goes away takes its command with it.
   socket.once('close', () => handle?.kill('SIGKILL'));
@@ -114,6 +120,7 @@ function startCommand(socket: Socket, vm: MicroVm, message: Record<string, unkno
     ...(typeof message.timeout === 'number' ? { timeout: message.timeout } : {}),
     ...(typeof message.user === 'string' ? { user: message.user } : {}),
     stdin: message.stdin === true,
+    ...(message.tty && typeof message.tty === 'object' ? { tty: message.tty as { rows: number; cols: number } } : {}),
     onStarted: ({ name }) => send(socket, { type: 'started', name }),
     onWarning: (line) => send(socket, { type: 'log', line }),
   });

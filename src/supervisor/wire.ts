@@ -16,8 +16,9 @@ export function controlSocketPath(runDir: string): string {
 
 /** Client → supervisor. */
 export type ClientMessage =
-  | { type: 'exec'; argv: string[]; env: Record<string, string>; cwd?: string; user?: string; timeout: number; stdin: boolean }
+  | { type: 'exec'; argv: string[]; env: Record<string, string>; cwd?: string; user?: string; timeout: number; stdin: boolean; tty?: { rows: number; cols: number } }
   | { type: 'stdin'; data: string }
+  | { type: 'resize'; rows: number; cols: number }
   | { type: 'stdin-eof' }
   | { type: 'signal'; signal: number }
   | { type: 'stop' };

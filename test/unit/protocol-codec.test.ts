@@ -44,6 +44,9 @@ const hostMessages: Record<string, HostMessage> = {
   exec_empty_arg: { type: 'exec', timeoutMs: 0, flags: 0, cwd: '', argv: ['printf', ''], env: [] },
   exec_user: { type: 'exec', timeoutMs: 0, flags: 8, cwd: '/tmp', argv: ['id'], env: [], user: { uid: 1000, gid: 100 } },
   exec_user_primary_gid: { type: 'exec', timeoutMs: 0, flags: 8, cwd: '', argv: ['id'], env: [], user: { uid: 65534, gid: 0xffffffff } },
+  exec_tty_user: { type: 'exec', timeoutMs: 0, flags: 12, cwd: '', argv: ['sh'], env: [], tty: { rows: 30, cols: 100 }, user: { uid: 1000, gid: 1000 } },
+  exec_tty: { type: 'exec', timeoutMs: 0, flags: 4, cwd: '', argv: ['sh'], env: [], tty: { rows: 30, cols: 100 } },
+  resize: { type: 'resize', rows: 40, cols: 120 },
   stdin: { type: 'stdin', data: b('abc\n') },
   stdin_eof: { type: 'stdinEof' },
   signal_term: { type: 'signal', signo: 15 },
@@ -183,6 +186,25 @@ describe('FrameDecoder', () => {
 });
 
 describe('encodeFrame', () => {
+  it('sets the TTY flag from the tty field, never without it', () => {
+    const withTty = encodeFrame({ type: 'exec', timeoutMs: 0, flags: 0, cwd: '', argv: ['sh'], env: [], tty: { rows: 30, cols: 100 } });
+    const exec = new HostFrameDecoder().push(withTty)[0] as Extract<HostMessage, { type: 'exec' }>;
+    assert.equal(exec.flags, 4);
+    assert.deepEqual(exec.tty, { rows: 30, cols: 100 });
+    const without = encodeFrame({ type: 'exec', timeoutMs: 0, flags: 4, cwd: '', argv: ['sh'], env: [] });
+    const plain = new HostFrameDecoder().push(without)[0] as Extract<HostMessage, { type: 'exec' }>;
+    assert.equal(plain.flags, 0);
+    assert.equal(plain.tty, undefined);
+  });
+
+  it('refuses terminal sizes outside 1 to 65535', () => {
+    const exec = (rows: number, cols: number): HostMessage => ({ type: 'exec', timeoutMs: 0, flags: 0, cwd: '', argv: ['sh'], env: [], tty: { rows, cols } });
+    assert.throws(() => encodeFrame(exec(0, 80)), InvalidRequestError);
+    assert.throws(() => encodeFrame(exec(24, 65536)), InvalidRequestError);
+    assert.throws(() => encodeFrame({ type: 'resize', rows: 24, cols: 0 }), InvalidRequestError);
+    assert.throws(() => encodeFrame({ type: 'resize', rows: 1.5, cols: 80 }), InvalidRequestError);
+  });
+
   it('refuses NUL bytes in strings', () => {
     assert.throws(() => encodeFrame({ type: 'exec', timeoutMs: 0, flags: 0, cwd: '', argv: ['a\0b'], env: [] }), InvalidRequestError);
     assert.throws(() => encodeFrame({ type: 'unmount', mountpoint: '/x\0' }), InvalidRequestError);
