@@ -44,6 +44,12 @@ describe('exec -u', () => {
     assert.match(run.stderr, /Permission denied/);
   });
 
+  test('with -t, the terminal is the command\'s even after it has given up root', async () => {
+    const run = await mvmctl(['exec', '-t', '-u', '1000', '--', 'sh', '-c', 'id -u; tty; echo err >&2'], env);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stdout.toString(), /^1000\r\n\/dev\/pts\/\d+\r\nerr\r\n$/);
+  });
+
   test('a name or a junk id is one usage line and exit 125, before any VM', async () => {
     for (const bad of ['nobody', '1000:', '-1', '4294967295']) {
       const run = await mvmctl(['exec', '-u', bad, '--', 'true'], env);
