@@ -1,23 +1,7 @@
 export * from './constants.js';
 export * from './errors.js';
-export {
-  encodeFrame,
-  encodeAgentFrame,
-  FrameDecoder,
-  HostFrameDecoder,
-  MessageDecoder,
-  type AgentMessage,
-  type Bytes,
-  type Direction,
-  type ExecUser,
-  type HostMessage,
-  type TtySize,
-} from './codec.js';
-export {
-  AgentSession,
-  exitStatusToCode,
-  type ConnectOptions,
-  type ExecHandle,
-  type ExecOptions,
-  type ExitStatus,
-} from './session.js';
+export { encodeFrame, encodeAgentFrame } from './encode.js';
+export { FrameDecoder, HostFrameDecoder, MessageDecoder, type Direction } from './decode.js';
+export type { AgentMessage, Bytes, ExecUser, HostMessage, TtySize } from './messages.js';
+export { exitStatusToCode, type ExecHandle, type ExitStatus } from './exec-run.js';
+export { AgentSession, type ConnectOptions, type ExecOptions } from './session.js';
