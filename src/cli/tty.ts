@@ -4,12 +4,8 @@
  * and the terminal restored whichever way mvmctl leaves.
  */
 import { MvmError } from '../errors.js';
+import type { TtySize } from '../protocol/index.js';
 import { DEFAULT_TTY_SIZE } from '../sdk/options.js';
-
-export interface TtySize {
-  rows: number;
-  cols: number;
-}
 
 /** The size of mvmctl's terminal, or 24x80 when stdout is not one (`-t` in a script, or piped). */
 export function hostTtySize(): TtySize {
