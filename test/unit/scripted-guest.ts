@@ -9,6 +9,8 @@ import { createServer, connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Backend, BackendCapabilities, GuestFailure, RunningVm, VmExit, VmSpec } from '../../src/backends/types.js';
 import { Capability, encodeAgentFrame, HostFrameDecoder, type AgentMessage, type HostMessage } from '../../src/protocol/index.js';
+import { createExec } from '../../src/sdk/exec.js';
+import type { BootImage } from '../../src/vm/index.js';
 
 /** Answers one host message; may send any frames, or nothing at all. */
 export type GuestScript = (message: HostMessage, guest: ScriptedGuest) => void | Promise<void>;
@@ -152,4 +154,18 @@ export class ScriptedBackend implements Backend {
       new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 2000)),
     ]);
   }
+}
+
+/**
+ * The SDK's exec() over a ScriptedBackend whose guests follow `script` and boot `image`. The
+ * guest's power-off ends its VMM, as a real one does, instead of the host's wait running out.
+ */
+export function scriptedExec(script: GuestScript, image: BootImage) {
+  const backend: ScriptedBackend = new ScriptedBackend((message, guest) => {
+    if (message.type !== 'poweroff') return script(message, guest);
+    guest.send({ type: 'ok' });
+    backend.vms.at(-1)!.crash();
+  });
+  const exec = createExec({ backend: () => backend, defaultImage: () => async () => image });
+  return { backend, exec, sent: () => backend.guests.flatMap((guest) => guest.received) };
 }

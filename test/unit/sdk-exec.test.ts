@@ -11,11 +11,11 @@ import { after, describe, test } from 'node:test';
 import { MvmError } from '../../src/errors.js';
 import type { BootImage } from '../../src/vm/index.js';
 import { ExecFlag, ExitKind, type Bytes, type HostMessage } from '../../src/protocol/index.js';
-import { createExec, type ExecStarted } from '../../src/sdk/exec.js';
+import type { ExecStarted } from '../../src/sdk/exec.js';
 import type { ExecOptions } from '../../src/sdk/options.js';
 import { InvalidOptionError } from '../../src/sdk/parse.js';
 import { SPEC_ARTIFACT } from './launchplan-fixtures.js';
-import { politeAgent, ScriptedBackend, type GuestScript } from './scripted-guest.js';
+import { politeAgent, scriptedExec, type GuestScript } from './scripted-guest.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'mvm-sdk-'));
 process.env.MVM_STATE_DIR = join(scratch, 'state');
@@ -26,16 +26,7 @@ const image: BootImage = { kernel: '/k', kernelSha256: 'k', kernelArgs: [] };
 // The scripted backend emulates only TCG; with auto the host's KVM would be looked at.
 const tcg: ExecOptions = { accel: 'tcg' };
 
-function scripted(script: GuestScript) {
-  // The guest's power-off ends its VMM, as a real one does, instead of the host's wait running out.
-  const backend: ScriptedBackend = new ScriptedBackend((message, guest) => {
-    if (message.type !== 'poweroff') return script(message, guest);
-    guest.send({ type: 'ok' });
-    backend.vms.at(-1)!.crash();
-  });
-  const exec = createExec({ backend: () => backend, defaultImage: () => async () => image });
-  return { backend, exec, sent: () => backend.guests.flatMap((guest) => guest.received) };
-}
+const scripted = (script: GuestScript) => scriptedExec(script, image);
 
 async function text(stream: Readable): Promise<string> {
   let all = '';

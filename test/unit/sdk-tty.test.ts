@@ -9,10 +9,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { Capability, ExecFlag, ExitKind, TtyUnavailableError, type HostMessage } from '../../src/protocol/index.js';
-import { createExec } from '../../src/sdk/exec.js';
 import { InvalidOptionError } from '../../src/sdk/parse.js';
 import type { BootImage } from '../../src/vm/index.js';
-import { politeAgent, ScriptedBackend, type GuestScript } from './scripted-guest.js';
+import { politeAgent, scriptedExec, type GuestScript } from './scripted-guest.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'mvm-sdk-tty-'));
 process.env.MVM_STATE_DIR = join(scratch, 'state');
@@ -22,15 +21,7 @@ after(() => rmSync(scratch, { recursive: true, force: true }));
 const image: BootImage = { kernel: '/k', kernelSha256: 'k', kernelArgs: [] };
 const TTY_CAPS = Capability.EXEC | Capability.MOUNT | Capability.TTY;
 
-function scripted(script: GuestScript) {
-  const backend: ScriptedBackend = new ScriptedBackend((message, guest) => {
-    if (message.type !== 'poweroff') return script(message, guest);
-    guest.send({ type: 'ok' });
-    backend.vms.at(-1)!.crash();
-  });
-  const exec = createExec({ backend: () => backend, defaultImage: () => async () => image });
-  return { backend, exec, sent: () => backend.guests.flatMap((guest) => guest.received) };
-}
+const scripted = (script: GuestScript) => scriptedExec(script, image);
 
 /** An agent with the TTY capability whose command ends with code 0 at its first RESIZE after `resizesBeforeExit`. */
 function ttyAgent(resizesBeforeExit: number): GuestScript {
