@@ -1,8 +1,10 @@
 // The restored fast paths of the default image against their yardsticks: gVisor's `runsc do` (what
-// a user would reach for instead), the same exec without an --add-dir, and one exec at a time.
+// a user would reach for instead), QEMU's own restore of the same snapshot (the floor), the same exec
+// without an --add-dir, and one exec at a time.
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { findExecutable } from '../src/which.js';
+import { bareRestoreRunningTrue } from './floor.js';
 import { median, mvmctl, report, run, RUNS, timed } from './measure.js';
 
 const CONCURRENT = 8;
@@ -19,13 +21,16 @@ export async function restoredFastPaths(work: string): Promise<void> {
   const restored: number[] = [];
   const withDir: number[] = [];
   const gvisor: number[] = [];
+  const floor: number[] = [];
   for (let i = 0; i < RUNS; i++) {
     restored.push(await timed(() => run(mvmctl, ['exec', '--', 'true'], env)));
     withDir.push(await timed(() => run(mvmctl, ['exec', '--add-dir', `${tree}:/data:ro`, '--', 'true'], env)));
+    floor.push(await bareRestoreRunningTrue(work));
     if (runsc) gvisor.push(await timed(() => run(runsc, ['--network=none', 'do', '/bin/true'])));
   }
   if (runsc) report('mvmctl exec -- true, restored (wall s)', median(restored), '`runsc --network=none do /bin/true`', median(gvisor), 2.5);
   else console.log('mvmctl exec -- true vs runsc do: skipped (runsc not installed; Debian bookworm-backports has it)');
+  report('mvmctl exec -- true, restored (wall s)', median(restored), 'bare QEMU restore of the same snapshot running true', median(floor), 1.5);
   report('exec --add-dir (ro, 10 files) -- true, restored (wall s)', median(withDir), 'the same without --add-dir', median(restored), 1.3);
 
   const single = median(restored);
