@@ -111,8 +111,6 @@ export interface RunningVm {
   readonly agentChannel: string;
   /** Capture (spec had `snapshot.mode` capture): pauses the guest, writes the snapshot and ends the VMM. */
   saveSnapshot?(signal: AbortSignal): Promise<void>;
-  /** Asks the guest's kernel to stop (Ctrl-Alt-Del), for a guest whose agent did not power it off; resolves when it ended or gave up. */
-  requestShutdown?(): Promise<void>;
   /** Kills the VMM if it is still running and waits for it to be gone. Idempotent. */
   kill(): Promise<VmExit>;
 }

@@ -34,8 +34,6 @@ export interface CommandIo {
 
 /** Grace the host gives the agent to report its own deadline before it kills the whole VM. */
 const HOST_DEADLINE_GRACE_MS = 5_000;
-/** How long a powered-off guest may take to end its VMM before it is killed. */
-const POWEROFF_WAIT_MS = 5_000;
 
 /**
  * Runs the command and streams its output until it has all arrived. A guest that misses the
@@ -102,19 +100,4 @@ export async function runCommand(
     vmDied.catch(() => {});
     if (handle.stdin) io.stdin.unpipe(handle.stdin);
   }
-}
-
-/**
- * Asks the agent to power off only after EXIT has arrived: virtio-serial drops data the guest wrote
- * just before it stops. A guest that does not stop in time is asked through its VMM, then killed.
- */
-export async function powerOff(session: AgentSession, vm: RunningVm): Promise<void> {
-  try {
-    await Promise.race([session.poweroff(), sleep(POWEROFF_WAIT_MS, undefined, { ref: false })]);
-  } catch {
-    // The VM is killed anyway; a failed power-off request changes nothing for the user.
-  }
-  session.close();
-  const ended = await Promise.race([vm.exited.then(() => true), sleep(POWEROFF_WAIT_MS, false, { ref: false })]);
-  if (!ended) await vm.requestShutdown?.();
 }

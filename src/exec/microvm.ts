@@ -17,7 +17,7 @@ import type { Progress } from '../progress.js';
 import { EXIT_TIMED_OUT, type AgentSession, type ExitStatus } from '../protocol/index.js';
 import { listVms } from '../state/registry.js';
 import { bootVm, openAgentSession, OwnedVm, planBootAccel, type BootImage, type RestorePlan, type SnapshotChoice } from '../vm/index.js';
-import { powerOff, runCommand, type CommandIo, type CommandRequest } from './command.js';
+import { runCommand, type CommandIo, type CommandRequest } from './command.js';
 import { openRunNetwork, type RunNetwork } from './network.js';
 
 export interface VmRequest {
@@ -207,15 +207,18 @@ export class LiveVm {
   }
 
   /**
-   * Stops the VM: with `sync`, unmounts the rw directories and, once the VMM has exited and been
-   * reaped (a guest that answered POWEROFF and kept running could otherwise rewrite its disk under
+   * Stops the VM: with `sync`, unmounts the rw directories and, once the VMM has been killed and
+   * reaped (a guest that answered UNMOUNT and kept writing could otherwise rewrite its disk under
    * the host's checks), brings their changes back to HOST. Without, the changes are discarded.
+   *
+   * The guest is not powered off first: every disk it could still write is a throwaway layer or an
+   * image already unmounted, and all its output came before EXIT, so a clean guest shutdown would
+   * keep nothing a kill loses, and costs a guest reboot under emulation on every run.
    */
   async stop({ sync }: { sync: boolean }): Promise<void> {
     try {
       const toSync = sync ? await this.unmountForSync() : [];
-      // A guest past its deadline gets no chance to power off: it is killed below.
-      if (!this.guestDeadline.signal.aborted) await powerOff(this.session, this.vm);
+      this.session.close();
       await this.vm.kill();
       this.guestDeadline.disarm();
       this.guestDeadline.throwIfPassed();

@@ -1,6 +1,6 @@
 /**
  * The exec workflow against a scripted hostile guest (scripted-guest.ts): a guest that keeps running
- * after POWEROFF, or never answers, cannot reach HOST through its disk or hang mvmctl.
+ * after UNMOUNT, or never answers, cannot reach HOST through its disk or hang mvmctl.
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -48,15 +48,15 @@ function markUnclean(image: string): void {
 }
 
 describe('exec against a hostile guest', () => {
-  test('sync-back reads the image only after the VMM has exited: a guest still running after POWEROFF changes nothing', async () => {
+  test('sync-back reads the image only after the VMM has exited: a guest still writing after UNMOUNT changes nothing', async () => {
     const host = hostDir('from host\n');
     const final = join(scratch, 'final.img');
     const replacement = join(scratch, 'replacement.txt');
     writeFileSync(replacement, 'from guest\n');
-    // While it keeps running after POWEROFF the guest's disk is mid-write (not clean); only when
-    // the VMM dies is it the finished image. A host that reads it before then sees the former.
+    // It answers UNMOUNT and keeps writing: until the VMM dies its disk is mid-write (not clean);
+    // only then is it the finished image. A host that reads it before then sees the former.
     const script: GuestScript = (message, guest) => {
-      if (message.type !== 'poweroff') return politeAgent(message, guest);
+      if (message.type !== 'unmount') return politeAgent(message, guest);
       const image = guest.spec.drives[0]!.path;
       copyFileSync(image, final);
       execFileSync('debugfs', ['-w', '-R', `rm a.txt`, final], { stdio: 'ignore' });

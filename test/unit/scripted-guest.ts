@@ -156,16 +156,9 @@ export class ScriptedBackend implements Backend {
   }
 }
 
-/**
- * The SDK's exec() over a ScriptedBackend whose guests follow `script` and boot `image`. The
- * guest's power-off ends its VMM, as a real one does, instead of the host's wait running out.
- */
+/** The SDK's exec() over a ScriptedBackend whose guests follow `script` and boot `image`. */
 export function scriptedExec(script: GuestScript, image: BootImage) {
-  const backend: ScriptedBackend = new ScriptedBackend((message, guest) => {
-    if (message.type !== 'poweroff') return script(message, guest);
-    guest.send({ type: 'ok' });
-    backend.vms.at(-1)!.crash();
-  });
+  const backend = new ScriptedBackend(script);
   const exec = createExec({ backend: () => backend, defaultImage: () => async () => image });
   return { backend, exec, sent: () => backend.guests.flatMap((guest) => guest.received) };
 }

@@ -8,7 +8,6 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Socket } from 'node:net';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { MvmError } from '../../errors.js';
 import { AGENT_VSOCK_PORT } from '../../protocol/constants.js';
 import { lastLine, runTool } from '../../run-tool.js';
@@ -26,8 +25,6 @@ import { tapName, tapUnavailable } from './tap.js';
 const API_START_TIMEOUT_MS = 10_000;
 /** A copy of a root image (when the file system cannot share its blocks) may take a while. */
 const DISK_COPY_TIMEOUT_MS = 600_000;
-/** How long a guest sent Ctrl-Alt-Del may take to end the VMM before it is killed. */
-const CTRL_ALT_DEL_WAIT_MS = 2_000;
 
 /** `MVM_FIRECRACKER`, else `firecracker` on PATH; undefined when absent. */
 export function findFirecracker(env: NodeJS.ProcessEnv = process.env): string | undefined {
@@ -196,12 +193,6 @@ class FirecrackerVm implements RunningVm {
     if (this.spec.snapshot?.mode !== 'capture') throw new MvmError('this VM was not started to take a snapshot');
     await this.send(snapshotCalls(this.spec.snapshot.dir), signal, SNAPSHOT_API_TIMEOUT_MS);
     await this.kill();
-  }
-
-  async requestShutdown(): Promise<void> {
-    if (this.hasExited) return;
-    await this.api.put('/actions', { action_type: 'SendCtrlAltDel' }, { signal: AbortSignal.timeout(API_TIMEOUT_MS) }).catch(() => {});
-    await Promise.race([this.exited, sleep(CTRL_ALT_DEL_WAIT_MS, undefined, { ref: false })]);
   }
 
   async kill(): Promise<VmExit> {
