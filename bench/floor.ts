@@ -4,7 +4,7 @@
 import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath } from '../src/backends/qemu/index.js';
+import { agentSocketPath, hostTscKhz, qemuArgs, qmpSocketPath, waitForMigration } from '../src/backends/qemu/index.js';
 import { Qmp } from '../src/backends/qemu/qmp.js';
 import { connectWhenListening } from '../src/backends/unix-socket.js';
 import { ensureDefaultImage } from '../src/image/index.js';
@@ -47,12 +47,7 @@ export async function bareRestoreRunningTrue(work: string): Promise<number> {
     const qmp = await Qmp.connect(qmpSocketPath(runDir), () => gone, signal, () => {});
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await qmp.execute('migrate-incoming', { uri: `exec:cat ${join(dir, meta.files.state.file)}` });
-    for (;;) {
-      const { status } = (await qmp.execute('query-migrate')) as { status?: string };
-      if (status === 'completed') break;
-      if (status === 'failed' || status === 'cancelled') throw new Error(`bare restore: migration ${status}`);
-      await new Promise((resolve) => setTimeout(resolve, 2));
-    }
+    await waitForMigration(qmp, signal);
     await qmp.execute('cont');
     const socket = await connectWhenListening(agentSocketPath(runDir), { signal, gone: () => gone, goneError, retryMs: 10 });
     const session = await AgentSession.connect(socket, { signal });

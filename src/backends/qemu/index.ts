@@ -307,7 +307,8 @@ function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
   });
 }
 
-async function waitForMigration(qmp: Qmp, signal: AbortSignal): Promise<void> {
+/** Polls QEMU's migration (a snapshot written or loaded) until it completes; throws on failure or after 60 s. */
+export async function waitForMigration(qmp: Qmp, signal: AbortSignal): Promise<void> {
   const deadline = Date.now() + 60_000;
   for (;;) {
     const info = (await qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
