@@ -13,7 +13,10 @@ import { readSnapshotMeta } from '../src/snapshots/subject.js';
 
 const DEADLINE_MS = 60_000;
 
-/** Seconds from spawning QEMU to its exit after the restored guest ran `true`. Needs the default image's snapshot. */
+/**
+ * Seconds from spawning QEMU to its exit after the restored guest ran `true`. Needs the default
+ * image's snapshot. A failure leaves its directory under `work`, which the bench removes.
+ */
 export async function bareRestoreRunningTrue(work: string): Promise<number> {
   const image = await ensureDefaultImage({});
   const found = await readSnapshotMeta(image.dir);
@@ -58,12 +61,11 @@ export async function bareRestoreRunningTrue(work: string): Promise<number> {
     if (status.code !== 0) throw new Error(`bare restore: true exited ${JSON.stringify(status)}`);
     session.close();
     qmp.close();
-    qemu.kill('SIGKILL');
-    await exited;
-    return (performance.now() - start) / 1000;
   } finally {
     qemu.kill('SIGKILL');
     await exited;
-    await rm(runDir, { recursive: true, force: true });
   }
+  const seconds = (performance.now() - start) / 1000;
+  await rm(runDir, { recursive: true, force: true });
+  return seconds;
 }
