@@ -19,7 +19,9 @@
 
 #include "agent.h"
 
-#define PORT_IDLE_MS 20
+/* With no host attached a port only says so by reading 0; its SIGIO (armed while detached) says
+ * when one attaches. This poll is the fallback should a kernel not send it. */
+#define PORT_ATTACH_POLL_MS 200
 #define FLUSH_LINGER_MS 2000
 
 int g_guest_mode;
@@ -53,7 +55,8 @@ int64_t now_ns(void)
 	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static void on_sigchld(int sig)
+/* SIGCHLD (a child changed state) and SIGIO (a host attached to the port) wake the poll loop. */
+static void on_wakeup_signal(int sig)
 {
 	int e = errno;
 	char c = 0;
@@ -160,8 +163,11 @@ static void serve_once(void)
 	rx_ready = want_rx && rx_frame_ready();
 	if (rx_ready)
 		timeout = 0;
+	if (g_tkind == T_PORT && !g_port_nohost)
+		port_notify_attach(0);
 	if (g_tkind == T_PORT && g_port_nohost) {
-		timeout = PORT_IDLE_MS;
+		/* armed just now: a host that attached a moment before is seen only by probing at once */
+		timeout = port_notify_attach(1) ? 0 : PORT_ATTACH_POLL_MS;
 	} else if (want_rx || tx_used()) {
 		i_conn = n;
 		pfd[n].fd = g_conn;
@@ -300,10 +306,11 @@ int main(int argc, char **argv)
 	g_sig_r = p[0];
 	g_sig_w = p[1];
 	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_sigchld;
+	sa.sa_handler = on_wakeup_signal;
 	sa.sa_flags = SA_NOCLDSTOP | SA_RESTART;
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGCHLD, &sa, NULL);
+	sigaction(SIGIO, &sa, NULL);
 
 	if (listen_spec) {
 		if (parse_listen(listen_spec) < 0)

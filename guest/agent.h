@@ -48,6 +48,7 @@ void end_session(const char *why);
 void transport_close(void);
 int rx_pump(void);
 int rx_frame_ready(void);
+int port_notify_attach(int on);
 
 size_t tx_used(void);
 int tx_room(size_t n);

@@ -229,6 +229,25 @@ int rx_pump(void)
 	return 0;
 }
 
+/* SIGIO on the port while no host is attached: the kernel sends it when one attaches (and on
+ * data), so the agent need not poll for the host. Off while attached, where data would raise it
+ * for nothing. Returns 1 when it was armed by this call. */
+int port_notify_attach(int on)
+{
+	static int armed;
+	int fl;
+
+	if (on == armed)
+		return 0;
+	armed = on;
+	fl = fcntl(g_conn, F_GETFL);
+	if (on && fcntl(g_conn, F_SETOWN, getpid()) < 0)
+		logmsg("F_SETOWN on the port: %s", strerror(errno));
+	if (fl < 0 || fcntl(g_conn, F_SETFL, on ? fl | O_ASYNC : fl & ~O_ASYNC) < 0)
+		logmsg("O_ASYNC on the port: %s", strerror(errno));
+	return on;
+}
+
 static int open_port(void)
 {
 	char path[512], name[300];
