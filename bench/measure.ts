@@ -60,3 +60,23 @@ export async function peakRssMb(command: string, args: string[], env: NodeJS.Pro
   if (code !== 0) throw new Error(`${command} ${args.join(' ')} exited ${code}`);
   return peakKb / 1024;
 }
+
+/**
+ * The VM's share of one `mvmctl -v` run (`args` without -v): seconds from mvmctl starting the VMM
+ * to the agent's answer (restored or booted), read from its [timing] lines.
+ */
+export async function agentReadySeconds(args: string[], env: NodeJS.ProcessEnv): Promise<number> {
+  const [command, ...rest] = args;
+  return new Promise((resolve, reject) => {
+    const child = spawn(mvmctl, [command!, '-v', ...rest], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      const start = /host prepared, starting the VMM: .*\(([\d.]+) s total\)/.exec(stderr);
+      const ready = /(?:restored from snapshot, agent ready|agent ready) .*\(([\d.]+) s total\)/.exec(stderr);
+      if (code !== 0 || !start || !ready) reject(new Error(`mvmctl ${args.join(' ')} -v exited ${code}: ${stderr.slice(-500)}`));
+      else resolve(Number(ready[1]) - Number(start[1]));
+    });
+  });
+}

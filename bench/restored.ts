@@ -5,7 +5,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { findExecutable } from '../src/which.js';
 import { bareRestoreRunningTrue } from './floor.js';
-import { median, mvmctl, report, run, RUNS, timed } from './measure.js';
+import { agentReadySeconds, median, mvmctl, report, run, RUNS, timed } from './measure.js';
 
 const CONCURRENT = 8;
 
@@ -22,8 +22,10 @@ export async function restoredFastPaths(work: string): Promise<void> {
   const withDir: number[] = [];
   const gvisor: number[] = [];
   const floor: number[] = [];
+  const vmShare: number[] = [];
   for (let i = 0; i < RUNS; i++) {
     restored.push(await timed(() => run(mvmctl, ['exec', '--', 'true'], env)));
+    vmShare.push(await agentReadySeconds(['exec', '--', 'true'], env));
     withDir.push(await timed(() => run(mvmctl, ['exec', '--add-dir', `${tree}:/data:ro`, '--', 'true'], env)));
     floor.push(await bareRestoreRunningTrue(work));
     if (runsc) gvisor.push(await timed(() => run(runsc, ['--network=none', 'do', '/bin/true'])));
@@ -31,6 +33,9 @@ export async function restoredFastPaths(work: string): Promise<void> {
   if (runsc) report('mvmctl exec -- true, restored (wall s)', median(restored), '`runsc --network=none do /bin/true`', median(gvisor), 2.5);
   else console.log('mvmctl exec -- true vs runsc do: skipped (runsc not installed; Debian bookworm-backports has it)');
   report('mvmctl exec -- true, restored (wall s)', median(restored), 'bare QEMU restore of the same snapshot running true', median(floor), 1.5);
+  // What mvmctl adds around the VM's own start: node, the CLI, host preparation, the command, the stop.
+  const outside = median(restored) - median(vmShare);
+  report('  restored exec wall minus VMM start -> agent ready (s)', outside, 'the target', 0.12, 1);
   report('exec --add-dir (ro, 10 files) -- true, restored (wall s)', median(withDir), 'the same without --add-dir', median(restored), 1.3);
 
   const single = median(restored);

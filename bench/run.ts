@@ -14,7 +14,7 @@ import { benchRoundTrip } from '../src/dirsync/index.js';
 import { writeCpio } from '../src/image/cpio.js';
 import { ensureDefaultImage, type GuestImage } from '../src/image/index.js';
 import { AgentSession } from '../src/protocol/index.js';
-import { median, mvmctl, peakRssMb, report, run, RUNS, timed } from './measure.js';
+import { agentReadySeconds, median, mvmctl, peakRssMb, report, run, RUNS, timed } from './measure.js';
 import { restoredFastPaths } from './restored.js';
 
 const MEMORY_MIB = 512;
@@ -56,15 +56,18 @@ async function coldExec(image: GuestImage, work: string): Promise<void> {
   const restored: number[] = [];
   const bare: number[] = [];
   const node: number[] = [];
+  const version: number[] = [];
   for (let i = 0; i < RUNS; i++) {
     exec.push(await timed(() => run(mvmctl, ['exec', '--no-snapshot', '--cpus', String(CPUS), '--memory', `${MEMORY_MIB}M`, '--', 'true'], env)));
     restored.push(await timed(() => run(mvmctl, ['exec', '--', 'true'], env)));
     bare.push(await timed(() => run('qemu-system-x86_64', bareQemu(image, initrd, work))));
     node.push(await timed(() => run(process.execPath, ['-e', '0'])));
+    version.push(await timed(() => run(mvmctl, ['--version'])));
   }
   report('mvmctl exec --no-snapshot -- true (wall s)', median(exec), 'bare QEMU boot running true', median(bare), 1.1);
   report('mvmctl exec -- true, default image restored (wall s)', median(restored), 'the same booted cold', median(exec), undefined);
   report('mvmctl exec -- true, default image restored (wall s)', median(restored), '`node -e 0`', median(node), undefined);
+  report('mvmctl --version (wall s)', median(version), '`node -e 0`', median(node), 1.3);
 }
 
 /** VMM start to the agent's HELLO answer, through the product's own backend and session. */
@@ -183,27 +186,11 @@ async function snapshotExec(work: string): Promise<void> {
     restored.push(await timed(() => run(mvmctl, ['exec', '--manifest', 'bench', '--', 'true'], env)));
     cold.push(await timed(() => run(mvmctl, ['exec', '--no-snapshot', '--manifest', 'bench', '--', 'true'], env)));
     // The VM's share of it: from starting the VMM to the agent's answer, as mvmctl -v reports it.
-    restoredHello.push(await agentReadySeconds(['exec', '-v', '--manifest', 'bench', '--', 'true'], env, /restored from snapshot.*\(([\d.]+) s total\)/));
-    coldHello.push(await agentReadySeconds(['exec', '-v', '--no-snapshot', '--manifest', 'bench', '--', 'true'], env, /agent ready.*\(([\d.]+) s total\)/));
+    restoredHello.push(await agentReadySeconds(['exec', '--manifest', 'bench', '--', 'true'], env));
+    coldHello.push(await agentReadySeconds(['exec', '--no-snapshot', '--manifest', 'bench', '--', 'true'], env));
   }
   report('exec --manifest -- true, restored from snapshot (wall s)', median(restored), 'cold boot of the same template', median(cold), 0.25);
   report('  VMM start -> agent ready, restored (s)', median(restoredHello), 'cold', median(coldHello), 0.25);
-}
-
-async function agentReadySeconds(args: string[], env: NodeJS.ProcessEnv, pattern: RegExp): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(mvmctl, args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => {
-      // From 'image ready' (just before the VMM starts) to the agent's answer, both as total seconds.
-      const match = pattern.exec(stderr);
-      const start = /image ready: .*\(([\d.]+) s total\)/.exec(stderr);
-      if (code !== 0 || !match || !start) reject(new Error(`mvmctl ${args.join(' ')} exited ${code}: ${stderr.slice(-500)}`));
-      else resolve(Number(match[1]) - Number(start[1]));
-    });
-  });
 }
 
 /**

@@ -151,6 +151,8 @@ export class LiveVm {
       if (choice.warning) io.log(choice.warning);
       else if (choice.note && io.verbose) io.log(choice.note);
       const snapshot = choice.plan && (await fitDriveSlots(choice.plan, staged, deps.backend, io));
+      // What the VM's start adds from here on is the bench's "VMM start -> agent ready".
+      timings.mark('host prepared, starting the VMM');
       if (snapshot) {
         const restore = await restoreSnapshot(owned, { ...spec, accel: accel.accel }, snapshot, guestSignal, deps.restoreTimeoutMs ?? RESTORE_TIMEOUT_MS);
         if ('session' in restore) {
