@@ -31,24 +31,25 @@ void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int64_t now_ns(void);
 void reap(void);
 
-/* transport.c */
+/* listen.c */
 enum transport { T_UNIX, T_VSOCK, T_PORT };
-
 extern enum transport g_tkind;
-extern int g_conn;         /* the session's transport fd (for a port: the port, kept open) */
-extern int g_port_nohost;  /* port read 0: no host attached, poll it again later */
-extern int g_port_discard; /* after a fatal error on a port: drop bytes until the host detaches */
-
 int parse_listen(const char *spec);
 void listen_from_cmdline(void);
 void setup_transport(void);
 void accept_conn(int sig_fd);
+void transport_close(void);
+int port_notify_attach(int on);
+
+/* transport.c */
+extern int g_conn;         /* the session's transport fd (for a port: the port, kept open) */
+extern int g_port_nohost;  /* port read 0: no host attached, until one attaches */
+extern int g_port_discard; /* after a fatal error on a port: drop bytes until the host detaches */
+
 void session_reset(void);
 void end_session(const char *why);
-void transport_close(void);
 int rx_pump(void);
 int rx_frame_ready(void);
-int port_notify_attach(int on);
 
 size_t tx_used(void);
 int tx_room(size_t n);
