@@ -109,10 +109,17 @@ describe('mvmctl up, console, down', () => {
     await new Promise((resolve) => probe.close(resolve));
     const up = await mvmctl(['up', '--name', 'web', '-p', `${port}:8000`], env);
     assert.equal(up.code, 0, up.stderr);
-    // busybox httpd without -f goes to the background and outlives the console command.
-    const served = await mvmctl(['console', 'web', '--command', 'mkdir -p /www && echo served > /www/index.html && httpd -p 8000 -h /www'], env);
+    // The agent kills the command's process group when the command ends, so the server must be in
+    // a session of its own by then; httpd's own daemonizing races with that (its parent exits
+    // before the child calls setsid), so the command waits for the server's setsid.
+    const serve = [
+      'mkdir -p /www && echo served > /www/index.html || exit 1',
+      'setsid httpd -f -p 8000 -h /www </dev/null >/dev/null 2>&1 &',
+      'for i in $(seq 500); do read -r _ _ _ _ _ sid _ < /proc/$!/stat && [ "$sid" = "$!" ] && exit 0; sleep 0.01; done; exit 1',
+    ].join('\n');
+    const served = await mvmctl(['console', 'web', '--command', serve], env);
     assert.equal(served.code, 0, served.stderr);
-    // It daemonizes before it listens: ask until it answers.
+    // It may not be listening yet: ask until it answers.
     let body = '';
     for (let attempt = 0; attempt < 100 && body === ''; attempt++) {
       body = await fetchText(`http://127.0.0.1:${port}/index.html`).catch(async () => (await sleep(100), ''));
