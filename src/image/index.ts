@@ -8,7 +8,8 @@
  * when the kernel's inputs changed, the kernel (minutes, once).
  *
  * Layout under `<cacheDir>/default-microvm/`:
- *   manifest.json        the current image (replaced atomically)
+ *   manifest.json        the current image with the kernel mvmctl builds (replaced atomically)
+ *   manifest-user-kernel.json  the current image with a user's kernel (--kernel, MVM_KERNEL)
  *   <id>/initramfs.cpio  one directory per image id (sha256 of all inputs), renamed into place whole
  *   <id>/manifest.json
  *   .lock                held by the process building
@@ -112,6 +113,22 @@ export interface EnsureImageOptions {
 
 export function imageRoot(cacheRoot = cacheDir()): string {
   return join(cacheRoot, DEFAULT_IMAGE_NAME);
+}
+
+/** The user's kernel the image is to boot (--kernel, else MVM_KERNEL), or undefined for mvmctl's own. */
+function userKernelPath(options: EnsureImageOptions): string | undefined {
+  return options.kernelPath ?? (process.env.MVM_KERNEL || undefined);
+}
+
+/**
+ * An image with a user's kernel has a manifest of its own beside the one with mvmctl's kernel, so
+ * that moving between them (a template built with --kernel, then a plain exec) rebuilds neither
+ * image, nor retakes its snapshot.
+ */
+const MANIFEST_FILES = { built: 'manifest.json', user: 'manifest-user-kernel.json' } as const;
+
+function manifestPath(root: string, options: EnsureImageOptions): string {
+  return join(root, userKernelPath(options) ? MANIFEST_FILES.user : MANIFEST_FILES.built);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -221,7 +238,7 @@ async function resolveKernel(
   cacheRoot: string,
   previous: ImageManifest | undefined,
 ): Promise<ImageManifest['kernel']> {
-  const given = options.kernelPath ?? (process.env.MVM_KERNEL || undefined);
+  const given = userKernelPath(options);
   if (given) {
     const userKernel = resolve(given);
     const fp = await fingerprint(userKernel, previous?.kernel).catch((err: Error) => {
@@ -273,15 +290,15 @@ export async function ensureDefaultImage(options: EnsureImageOptions = {}): Prom
   const progress = options.progress ?? silentProgress;
   const cacheRoot = options.cacheRoot ?? cacheDir();
   const root = imageRoot(cacheRoot);
-  const manifestPath = join(root, 'manifest.json');
+  const current = manifestPath(root, options);
 
-  const previous = await readManifest(manifestPath);
+  const previous = await readManifest(current);
   const inputs = await resolveInputs(options, cacheRoot, previous);
   const wanted = { ...inputs, layoutVersion: INITRAMFS_LAYOUT_VERSION };
   if (!options.force && previous && staleReasons(previous, wanted).length === 0 && (await usable(root, previous))) {
     if (statsMoved(previous, inputs)) {
       // Same contents, new stat (touched, copied): refresh the stat cache so the next check is cheap again.
-      await writeFileAtomic(manifestPath, JSON.stringify({ ...previous, kernel: inputs.kernel, agent: { ...previous.agent, ...inputs.agent }, busybox: inputs.busybox }, null, 2) + '\n').catch(() => {});
+      await writeFileAtomic(current, JSON.stringify({ ...previous, kernel: inputs.kernel, agent: { ...previous.agent, ...inputs.agent }, busybox: inputs.busybox }, null, 2) + '\n').catch(() => {});
     }
     return toImage(root, previous);
   }
@@ -291,13 +308,13 @@ export async function ensureDefaultImage(options: EnsureImageOptions = {}): Prom
     join(root, '.lock'),
     async () => {
       // Someone may have built it while we waited.
-      const current = await readManifest(manifestPath);
-      if (!options.force && current && current.id === inputs.id && (await usable(root, current))) return toImage(root, current);
+      const latest = await readManifest(current);
+      if (!options.force && latest && latest.id === inputs.id && (await usable(root, latest))) return toImage(root, latest);
       const reasons = options.force ? ['rebuild forced'] : staleReasons(previous, wanted);
       progress(`building the ${DEFAULT_IMAGE_NAME} initramfs (${reasons.join(', ') || 'missing files'})`);
       const manifest = await buildImage(root, inputs);
-      await writeFileAtomic(manifestPath, JSON.stringify(manifest, null, 2) + '\n');
-      await removeOldImages(root, manifest.id);
+      await writeFileAtomic(current, JSON.stringify(manifest, null, 2) + '\n');
+      await removeOldImages(root);
       progress(`${DEFAULT_IMAGE_NAME} image ready: ${join(root, manifest.id)} (initramfs ${(manifest.initrd.size / 1048576).toFixed(1)} MiB)`);
       return toImage(root, manifest);
     },
@@ -360,11 +377,13 @@ async function buildImage(root: string, inputs: ResolvedInputs): Promise<ImageMa
   return manifest;
 }
 
-/** Deletes image directories other than `keepId` that are over a minute old (a VM may be starting from one right now). */
-async function removeOldImages(root: string, keepId: string): Promise<void> {
+/** Deletes image directories neither manifest names that are over a minute old (a VM may be starting from one right now). */
+async function removeOldImages(root: string): Promise<void> {
   const now = Date.now();
+  const named = await Promise.all(Object.values(MANIFEST_FILES).map((file) => readManifest(join(root, file))));
+  const keep = new Set(named.map((manifest) => manifest?.id));
   for (const name of await readdir(root).catch(() => [] as string[])) {
-    const isImage = /^[0-9a-f]{64}$/.test(name) && name !== keepId;
+    const isImage = /^[0-9a-f]{64}$/.test(name) && !keep.has(name);
     const isStaleTmp = name.startsWith('.tmp-');
     if (!isImage && !isStaleTmp) continue;
     const info = await stat(join(root, name)).catch(() => undefined);
@@ -385,7 +404,7 @@ export interface ImageStatus {
 export async function defaultImageStatus(options: Omit<EnsureImageOptions, 'force' | 'ensureKernel'> = {}): Promise<ImageStatus> {
   const cacheRoot = options.cacheRoot ?? cacheDir();
   const root = imageRoot(cacheRoot);
-  const manifest = await readManifest(join(root, 'manifest.json'));
+  const manifest = await readManifest(manifestPath(root, options));
   const image = manifest && (await usable(root, manifest)) ? toImage(root, manifest) : undefined;
   let inputs: ResolvedInputs;
   try {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { chmod, mkdtemp, readdir, readFile, rm, stat, unlink, utimes, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, stat, unlink, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, beforeEach, describe, it } from 'node:test';
@@ -67,7 +67,7 @@ describe('default image manifest', () => {
     assert.equal(first.manifest.kernel.origin, 'user');
     const records = parseCpio(await readFile(first.initrd));
     assert.equal(records.find((r) => r.path === 'sbin/mvm-agent')!.data.toString(), fakeAgent('0.1.0'));
-    const top = JSON.parse(await readFile(join(options.cacheRoot, 'default-microvm', 'manifest.json'), 'utf8')) as ImageManifest;
+    const top = JSON.parse(await readFile(join(options.cacheRoot, 'default-microvm', 'manifest-user-kernel.json'), 'utf8')) as ImageManifest;
     assert.deepEqual(top, first.manifest);
     for (const key of ['kernel', 'agent', 'busybox'] as const) assert.match(top[key].sha256, /^[0-9a-f]{64}$/);
 
@@ -98,7 +98,7 @@ describe('default image manifest', () => {
     assert.equal(built(), 1, 'same contents: no rebuild');
     assert.equal(touched.manifest.id, first.manifest.id);
     // ...but the stat cache was refreshed, so the next check does not re-hash.
-    const top = JSON.parse(await readFile(join(options.cacheRoot, 'default-microvm', 'manifest.json'), 'utf8')) as ImageManifest;
+    const top = JSON.parse(await readFile(join(options.cacheRoot, 'default-microvm', 'manifest-user-kernel.json'), 'utf8')) as ImageManifest;
     assert.equal(top.kernel.mtimeMs, (await stat(options.kernelPath!)).mtimeMs);
 
     await writeFile(options.kernelPath!, 'kernel v2');
@@ -145,6 +145,31 @@ describe('default image manifest', () => {
     assert.equal(image.manifest.kernel.buildKey, 'k'.repeat(8));
   });
 
+  it('keeps an image for a user kernel and one for the built kernel: moving between them rebuilds neither', async () => {
+    const vmlinux = join(options.cacheRoot, 'kernels', 'k'.repeat(8), 'vmlinux');
+    const builtKernel = {
+      ...options,
+      kernelPath: undefined,
+      ensureKernel: async () => {
+        await mkdir(join(vmlinux, '..'), { recursive: true });
+        await writeFile(vmlinux, 'built kernel');
+        return { vmlinux, key: 'k'.repeat(8), built: false };
+      },
+    };
+    const user = await ensureDefaultImage(options);
+    // Old enough to be removed, were it not named by a manifest.
+    const longAgo = new Date(Date.now() - 120_000);
+    await utimes(user.dir, longAgo, longAgo);
+    const own = await ensureDefaultImage(builtKernel);
+    assert.equal(built(), 2);
+    assert.notEqual(user.manifest.id, own.manifest.id);
+    assert.equal((await ensureDefaultImage(options)).manifest.id, user.manifest.id);
+    assert.equal((await ensureDefaultImage(builtKernel)).manifest.id, own.manifest.id);
+    assert.equal(built(), 2, 'no rebuild when moving back');
+    assert.ok((await stat(user.initrd)).isFile() && (await stat(own.initrd)).isFile(), 'both images are kept');
+    assert.equal((await defaultImageStatus({ ...options })).image?.manifest.id, user.manifest.id);
+  });
+
   it('MVM_KERNEL selects a kernel too', async () => {
     process.env.MVM_KERNEL = options.kernelPath!;
     try {
@@ -160,7 +185,7 @@ describe('default image manifest', () => {
     assert.equal(new Set(images.map((i) => i.manifest.id)).size, 1);
     assert.equal(built(), 1, 'the lock made the others wait and reuse it');
     const entries = (await readdir(join(options.cacheRoot, 'default-microvm'))).sort();
-    assert.deepEqual(entries, [images[0]!.manifest.id, 'manifest.json']);
+    assert.deepEqual(entries, [images[0]!.manifest.id, 'manifest-user-kernel.json']);
   });
 
   it('says what to do when the agent or the kernel is missing', async () => {
