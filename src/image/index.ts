@@ -15,7 +15,6 @@
  *   .lock                held by the process building
  */
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 
@@ -26,10 +25,12 @@ import { cacheDir } from '../paths.js';
 import { type Progress, silentProgress } from '../progress.js';
 import { type InitramfsCompression, buildInitramfsFromFiles, GUEST_INIT_PATH, INITRAMFS_LAYOUT_VERSION } from './initramfs.js';
 import { type BuiltKernel, cachedKernel, ensureKernel, type KernelBuildOptions } from './kernel.js';
+import { fingerprint, type FileFingerprint } from './fingerprint.js';
 import { withLock } from './lock.js';
 import { AGENT_BINARY_PATH, BUSYBOX_PATH } from './repo.js';
 
 export { AGENT_BINARY_PATH, BUSYBOX_PATH, KERNEL_FRAGMENT_PATH, KERNEL_SOURCE_TARBALL } from './repo.js';
+export { fingerprint, sha256File, type FileFingerprint } from './fingerprint.js';
 export { GUEST_AGENT_PATH, GUEST_INIT_PATH, INITRAMFS_LAYOUT_VERSION } from './initramfs.js';
 
 
@@ -48,14 +49,6 @@ export const DEFAULT_KERNEL_ARGS: readonly string[] = ['quiet', `rdinit=${GUEST_
  * (10 interleaved runs each), so decompression costs more than reading the larger file saves.
  */
 export const INITRAMFS_COMPRESSION: InitramfsCompression = 'none';
-
-export interface FileFingerprint {
-  path: string;
-  size: number;
-  mtimeMs: number;
-  ino: number;
-  sha256: string;
-}
 
 export interface ImageManifest {
   format: 1;
@@ -129,36 +122,6 @@ const MANIFEST_FILES = { built: 'manifest.json', user: 'manifest-user-kernel.jso
 
 function manifestPath(root: string, options: EnsureImageOptions): string {
   return join(root, userKernelPath(options) ? MANIFEST_FILES.user : MANIFEST_FILES.built);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fingerprints
-
-export async function sha256File(path: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
-  return hash.digest('hex');
-}
-
-/**
- * The file's fingerprint. When `previous` describes the same path, size, mtime and inode its hash is
- * reused instead of reading the file again (unless `alwaysHash`).
- */
-export async function fingerprint(path: string, previous?: FileFingerprint, alwaysHash = false): Promise<FileFingerprint> {
-  const info = await stat(path);
-  if (!info.isFile()) throw new Error(`${path} is not a regular file`);
-  const base = { path, size: info.size, mtimeMs: info.mtimeMs, ino: info.ino };
-  if (
-    !alwaysHash &&
-    previous &&
-    previous.path === base.path &&
-    previous.size === base.size &&
-    previous.mtimeMs === base.mtimeMs &&
-    previous.ino === base.ino
-  ) {
-    return { ...base, sha256: previous.sha256 };
-  }
-  return { ...base, sha256: await sha256File(path) };
 }
 
 /** The image id: a hash of everything the image is made from. */
@@ -298,7 +261,7 @@ export async function ensureDefaultImage(options: EnsureImageOptions = {}): Prom
   if (!options.force && previous && staleReasons(previous, wanted).length === 0 && (await usable(root, previous))) {
     if (statsMoved(previous, inputs)) {
       // Same contents, new stat (touched, copied): refresh the stat cache so the next check is cheap again.
-      await writeFileAtomic(current, JSON.stringify({ ...previous, kernel: inputs.kernel, agent: { ...previous.agent, ...inputs.agent }, busybox: inputs.busybox }, null, 2) + '\n').catch(() => {});
+      await writeFileAtomic(current, JSON.stringify(withInputStats(previous, inputs), null, 2) + '\n').catch(() => {});
     }
     return toImage(root, previous);
   }
@@ -310,6 +273,14 @@ export async function ensureDefaultImage(options: EnsureImageOptions = {}): Prom
       // Someone may have built it while we waited.
       const latest = await readManifest(current);
       if (!options.force && latest && latest.id === inputs.id && (await usable(root, latest))) return toImage(root, latest);
+      // The same image made for the other manifest (one kernel, named both ways): shared, rather than
+      // replaced along with its snapshot.
+      const same = options.force ? undefined : await readManifest(join(root, inputs.id, 'manifest.json'));
+      if (same && same.id === inputs.id && (await usable(root, same))) {
+        const shared = withInputStats(same, inputs);
+        await writeFileAtomic(current, JSON.stringify(shared, null, 2) + '\n');
+        return toImage(root, shared);
+      }
       const reasons = options.force ? ['rebuild forced'] : staleReasons(previous, wanted);
       progress(`building the ${DEFAULT_IMAGE_NAME} initramfs (${reasons.join(', ') || 'missing files'})`);
       const manifest = await buildImage(root, inputs);
@@ -320,6 +291,11 @@ export async function ensureDefaultImage(options: EnsureImageOptions = {}): Prom
     },
     { signal: options.signal, progress, what: `building the ${DEFAULT_IMAGE_NAME} image` },
   );
+}
+
+/** The manifest with the inputs' paths and stats (their contents are the manifest's). */
+function withInputStats(manifest: ImageManifest, inputs: ResolvedInputs): ImageManifest {
+  return { ...manifest, kernel: inputs.kernel, agent: { ...manifest.agent, ...inputs.agent }, busybox: inputs.busybox };
 }
 
 function statsMoved(previous: ImageManifest, inputs: ResolvedInputs): boolean {

@@ -170,6 +170,19 @@ describe('default image manifest', () => {
     assert.equal((await defaultImageStatus({ ...options })).image?.manifest.id, user.manifest.id);
   });
 
+  it('shares one image, and what is kept in it, when the built kernel is also given as a user kernel', async () => {
+    const vmlinux = join(options.cacheRoot, 'kernels', 'k'.repeat(8), 'vmlinux');
+    await mkdir(join(vmlinux, '..'), { recursive: true });
+    await writeFile(vmlinux, 'built kernel');
+    const own = await ensureDefaultImage({ ...options, kernelPath: undefined, ensureKernel: async () => ({ vmlinux, key: 'k'.repeat(8), built: false }) });
+    await writeFile(join(own.dir, 'kept'), 'a snapshot lives here');
+    const user = await ensureDefaultImage({ ...options, kernelPath: vmlinux });
+    assert.equal(built(), 1, 'not built again for the other manifest');
+    assert.equal(user.dir, own.dir);
+    assert.equal(user.manifest.kernel.origin, 'user', 'each manifest says how its kernel was named');
+    assert.equal(await readFile(join(own.dir, 'kept'), 'utf8'), 'a snapshot lives here');
+  });
+
   it('MVM_KERNEL selects a kernel too', async () => {
     process.env.MVM_KERNEL = options.kernelPath!;
     try {
