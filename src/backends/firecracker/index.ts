@@ -16,7 +16,7 @@ import { ConsoleBuffer } from '../console.js';
 import { vmmIdentityOf, vmmVersionOf, type VmmIdentity } from '../vmm-binary.js';
 import type { Backend, BackendCapabilities, GuestFailure, NicSpec, RunningVm, VmExit, VmSpec } from '../types.js';
 import { connectWhenListening } from '../unix-socket.js';
-import { connectHybridVsock } from '../vsock/hybrid.js';
+import { AGENT_LISTENING_LINE, connectBootingAgent, connectHybridVsock } from '../vsock/hybrid.js';
 import { API_TIMEOUT_MS, FirecrackerApi, SNAPSHOT_API_TIMEOUT_MS } from './api.js';
 import { apiSocketPath, bootCalls, restoreCalls, snapshotCalls, vsockSocketPath, type ApiCall } from './config.js';
 import { tapName, tapUnavailable } from './tap.js';
@@ -126,13 +126,19 @@ class FirecrackerVm implements RunningVm {
   readonly agentChannel = 'vsock (Firecracker)';
   private readonly console = new ConsoleBuffer();
   private hasExited = false;
+  private markAgentListening!: () => void;
+  private readonly agentListening = new Promise<void>((resolve) => (this.markAgentListening = resolve));
 
   constructor(private readonly spec: VmSpec, private readonly child: ChildProcess, private readonly api: FirecrackerApi) {
     if (child.pid === undefined) throw new MvmError(`could not start Firecracker for ${spec.name}`);
     this.vmmPid = child.pid;
+    const onLine = (line: string) => {
+      if (AGENT_LISTENING_LINE.test(line)) this.markAgentListening();
+      spec.onConsoleLine?.(line);
+    };
     // The guest's serial console and Firecracker's own log lines share its stdout and stderr.
-    child.stdout!.on('data', (chunk: Buffer) => this.console.push(chunk, spec.onConsoleLine));
-    child.stderr!.on('data', (chunk: Buffer) => this.console.push(chunk, spec.onConsoleLine));
+    child.stdout!.on('data', (chunk: Buffer) => this.console.push(chunk, onLine));
+    child.stderr!.on('data', (chunk: Buffer) => this.console.push(chunk, onLine));
     this.exited = new Promise((resolve) => {
       child.once('close', (code, signal) => {
         this.hasExited = true;
@@ -177,12 +183,16 @@ class FirecrackerVm implements RunningVm {
   }
 
   connectAgent(signal: AbortSignal): Promise<Socket> {
-    return connectHybridVsock(vsockSocketPath(this.spec.runDir), AGENT_VSOCK_PORT, {
+    const options = {
       signal,
       gone: () => this.hasExited,
       goneError: () => new MvmError('Firecracker exited before the guest agent answered', 125, this.consoleTail(20)),
-      retryMs: 20,
-    });
+    };
+    const path = vsockSocketPath(this.spec.runDir);
+    // A restored agent listens already (and prints nothing); a booting one is waited for, so that
+    // its refused CONNECTs cannot wedge the vhost-device-vsock the test double serves vsock with.
+    if (this.spec.snapshot?.mode === 'restore') return connectHybridVsock(path, AGENT_VSOCK_PORT, { ...options, retryMs: 20 });
+    return connectBootingAgent(path, AGENT_VSOCK_PORT, this.agentListening, options);
   }
 
   consoleTail(maxLines: number): string[] {

@@ -10,7 +10,7 @@ import { ConsoleBuffer } from '../console.js';
 import { vmmIdentityOf, vmmVersionOf, type VmmIdentity } from '../vmm-binary.js';
 import { SNAPSHOT_FILES, type Backend, type BackendCapabilities, type GuestFailure, type NicSpec, type RunningVm, type VmExit, type VmSpec } from '../types.js';
 import { AGENT_VSOCK_PORT } from '../../protocol/constants.js';
-import { connectHybridVsock } from '../vsock/hybrid.js';
+import { AGENT_LISTENING_LINE, connectBootingAgent } from '../vsock/hybrid.js';
 import { agentSocketPath, hostTscKhz, hybridVsockPath, qemuArgs, qemuSocketPaths, qmpSocketPath, shellQuote, vhostVsockSocketPath } from './args.js';
 import { findVhostDeviceVsock, startVhostVsock, type VhostVsockDevice } from './vhost-vsock.js';
 import { Qmp } from './qmp.js';
@@ -32,10 +32,6 @@ const ACCEL_ABORT_LINE = /^(?:qemu-system-\S+: )?(?:error: )?(failed to set MSR\
 const ACCEL_FAILURE_KIND = /^(emulation failure)$/;
 /** How long to wait for that line before reporting the error without it. */
 const ACCEL_FAILURE_KIND_WAIT_MS = 100;
-/** The agent's console line once it accepts on vsock (guest/transport.c). */
-const AGENT_LISTENING_LINE = /mvm-agent: listening on vsock:/;
-/** How long the first CONNECT waits for that line: a guest that never prints it is retried after it. */
-const AGENT_LISTENING_WAIT_MS = 5_000;
 /** QEMU could not listen on a `-p` forward's host port; it then exits. */
 const HOSTFWD_FAILURE_LINE = /Could not set up host forwarding rule '(?:tcp:)?([^-']*)-[^']*'/;
 
@@ -244,11 +240,8 @@ class QemuVm implements RunningVm {
       retryMs: 10,
     };
     if (!this.vsockDevice) return connectWhenListening(agentSocketPath(this.spec.runDir), options);
-    // Each CONNECT before the agent listens is refused by the guest, and vhost-device-vsock 0.3 can
-    // wedge for good on a run of those (seen under load): the first one waits for the agent's own
-    // console line. Only a hint, so a guest that never prints it is still retried after a while.
-    await Promise.race([this.agentListening, sleep(AGENT_LISTENING_WAIT_MS, undefined, { signal, ref: false }).catch(() => {})]);
-    return connectHybridVsock(hybridVsockPath(this.spec.runDir), AGENT_VSOCK_PORT, { ...options, retryMs: 50 });
+    // vsock is used only for cold boots (usesVsock): the guest is booting.
+    return connectBootingAgent(hybridVsockPath(this.spec.runDir), AGENT_VSOCK_PORT, this.agentListening, options);
   }
 
   private qmp(signal: AbortSignal): Promise<Qmp> {

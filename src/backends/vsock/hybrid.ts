@@ -17,6 +17,13 @@ const ACK_TIMEOUT_MS = 2_000;
  */
 const MAX_RETRY_MS = 100;
 
+/** The agent's console line once it can be reached (guest/listen.c), on vsock or, behind the test double's bridge, a port. */
+export const AGENT_LISTENING_LINE = /mvm-agent: listening on /;
+/** How long the first CONNECT to a booting guest waits for that line. */
+const AGENT_LISTENING_WAIT_MS = 5_000;
+/** Retries to a booting guest: well clear of the pace that wedges vhost-device-vsock. */
+const BOOTING_RETRY_MS = 50;
+
 export interface HybridConnectOptions {
   signal: AbortSignal;
   /** The VMM has exited: stop retrying and throw `goneError()`. */
@@ -48,6 +55,18 @@ export async function connectHybridVsock(path: string, port: number, options: Hy
       delay = Math.min(MAX_RETRY_MS, delay * 1.5);
     }
   }
+}
+
+/**
+ * Connects to the agent of a guest that is booting. Each CONNECT before the agent listens is refused
+ * by the guest, and vhost-device-vsock 0.3 can wedge for good on a run of those (seen under load),
+ * so the first one waits for `listening`: the agent's own console line (AGENT_LISTENING_LINE), which
+ * the caller watches for. The guest prints it, so it is only a hint: a guest that never does is
+ * still tried after AGENT_LISTENING_WAIT_MS.
+ */
+export async function connectBootingAgent(path: string, port: number, listening: Promise<void>, options: Omit<HybridConnectOptions, 'retryMs'>): Promise<Socket> {
+  await Promise.race([listening, sleep(AGENT_LISTENING_WAIT_MS, undefined, { signal: options.signal, ref: false }).catch(() => {})]);
+  return connectHybridVsock(path, port, { ...options, retryMs: BOOTING_RETRY_MS });
 }
 
 function attempt(path: string, port: number, signal: AbortSignal): Promise<Socket> {
