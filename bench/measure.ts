@@ -73,8 +73,8 @@ export async function agentReadySeconds(args: string[], env: NodeJS.ProcessEnv):
     child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
     child.on('error', reject);
     child.on('close', (code) => {
-      const start = /host prepared, starting the VMM: .*\(([\d.]+) s total\)/.exec(stderr);
-      const ready = /(?:restored from snapshot, agent ready|agent ready) .*\(([\d.]+) s total\)/.exec(stderr);
+      const start = /\[timing\] host prepared, starting the VMM: .*\(([\d.]+) s total\)/.exec(stderr);
+      const ready = /\[timing\] (?:restored from snapshot, )?agent ready .*\(([\d.]+) s total\)/.exec(stderr);
       if (code !== 0 || !start || !ready) reject(new Error(`mvmctl ${args.join(' ')} -v exited ${code}: ${stderr.slice(-500)}`));
       else resolve(Number(ready[1]) - Number(start[1]));
     });
