@@ -2,7 +2,7 @@ import { closeSync, fchmodSync, fstatSync, futimesSync } from 'node:fs';
 import { join } from 'node:path';
 import { relKey } from './host-tree.js';
 import {
-  entryAt, HostChangedError, lstatOrUndefined, moveIn, moveOut, openDir, removeTree, setMtimesExactly, showRel, type ExactTime,
+  entryAt, HostChangedError, lstatOrUndefined, moveIn, moveOut, openDir, removeTree, setMtimesExactly, showRel, utimeArg, type ExactTime,
 } from './host-ops.js';
 import { listJournals, ownerAlive, removeJournal, takeOver, writeJournal, type DirTime, type Journal, type Step } from './journal.js';
 import { OWNER_WRITE, type StagingResult } from './staging-tree.js';
@@ -25,8 +25,8 @@ function dirTime(rel: Buffer, old: HostState): DirTime {
   return { rel: relKey(rel), ino: String(old.ino), mtimeNs: String(old.mtimeNs) };
 }
 
-function attrs(rel: Buffer, ino: bigint, mode: number, undoMode: number, mtime?: number): Step {
-  return { op: 'attrs', rel: relKey(rel), ino: String(ino), mode, undoMode, ...(mtime === undefined ? {} : { mtime }) };
+function attrs(rel: Buffer, ino: bigint, mode: number, undoMode: number, mtimeNs?: bigint): Step {
+  return { op: 'attrs', rel: relKey(rel), ino: String(ino), mode, undoMode, ...(mtimeNs === undefined ? {} : { mtimeNs: String(mtimeNs) }) };
 }
 
 /**
@@ -57,7 +57,7 @@ export function planSteps(changes: TreeChanges, staging: StagingResult): Pick<Jo
     const staged = staging.staged.get(index);
     if (staged?.finalMode !== undefined) steps.push(attrs(rel, staged.ino, staged.finalMode, staged.finalMode | OWNER_WRITE));
   }
-  for (const fix of [...changes.dirFixes].reverse()) steps.push(attrs(fix.rel, fix.old.ino, fix.mode, fix.old.mode, fix.mtime));
+  for (const fix of [...changes.dirFixes].reverse()) steps.push(attrs(fix.rel, fix.old.ino, fix.mode, fix.old.mode, fix.mtimeNs));
   return { steps, dirTimes, root: { mode: changes.root.mode, mtimeNs: String(changes.root.mtimeNs) } };
 }
 
@@ -70,7 +70,7 @@ export function applySteps(journal: Journal, onStep?: ApplyHook): void {
     const ino = BigInt(step.ino);
     if (step.op === 'aside') moveOut(journal.host, rel, ino, join(journal.work, step.backup), realDirs);
     else if (step.op === 'in') moveIn(join(journal.work, step.staged), journal.host, rel, realDirs);
-    else if (!withDir(journal.host, rel, ino, realDirs, (fd) => setAttrs(fd, step.mode, step.mtime))) {
+    else if (!withDir(journal.host, rel, ino, realDirs, (fd) => setAttrs(fd, step.mode, step.mtimeNs))) {
       throw new HostChangedError(`directory ${showRel(rel)} changed during the sync-back`);
     }
   }
@@ -131,9 +131,9 @@ async function removeWorkDir({ work }: Journal): Promise<void> {
   await removeTree(work);
 }
 
-function setAttrs(fd: number, mode: number, mtime: number | undefined): void {
+function setAttrs(fd: number, mode: number, mtimeNs: string | undefined): void {
   fchmodSync(fd, mode);
-  if (mtime !== undefined) futimesSync(fd, mtime, mtime);
+  if (mtimeNs !== undefined) futimesSync(fd, utimeArg(BigInt(mtimeNs)), utimeArg(BigInt(mtimeNs)));
 }
 
 /** Runs `fn` on directory HOST/rel if it is still inode `ino`; false when it is not there. */

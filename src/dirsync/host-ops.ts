@@ -103,6 +103,18 @@ export async function setMtimesExactly(host: string, dirs: readonly ExactTime[])
   }
 }
 
+/**
+ * The time argument for which Node's utimes family sets exactly `ns`, cut to the microsecond (the
+ * finest Node sets). A plain number of seconds goes through a double and comes out a microsecond
+ * short, across a millisecond now and then, about once in 10,000 files; a negative number means
+ * "now". A numeric string half a microsecond further from zero has neither problem.
+ */
+export function utimeArg(ns: bigint): string {
+  const sec = ns / 1_000_000_000n - (ns % 1_000_000_000n < 0n ? 1n : 0n);
+  const seconds = Number(sec) + Number((ns - sec * 1_000_000_000n) / 1000n) / 1e6;
+  return String(seconds + (seconds < 0 ? -5e-7 : 5e-7));
+}
+
 /** `S.NNNNNNNNN` with the sign in front: touch reads `@-1.5` as -1.5 s, not -1 s + 0.5 s. */
 function touchTime(ns: bigint): string {
   const abs = ns < 0n ? -ns : ns;

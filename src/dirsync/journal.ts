@@ -22,8 +22,8 @@ export type Step =
   | { op: 'aside'; rel: string; ino: string; backup: string }
   /** WORK/staged (inode `ino`) moved to HOST/rel; done iff WORK/staged is gone. */
   | { op: 'in'; rel: string; ino: string; staged: string }
-  /** Directory HOST/rel (inode `ino`) gets `mode` and, when given, `mtime` (seconds); undone by setting `undoMode`. */
-  | { op: 'attrs'; rel: string; ino: string; mode: number; undoMode: number; mtime?: number };
+  /** Directory HOST/rel (inode `ino`) gets `mode` and, when given, `mtimeNs`; undone by setting `undoMode`. */
+  | { op: 'attrs'; rel: string; ino: string; mode: number; undoMode: number; mtimeNs?: string };
 
 /** A directory's mtime in nanoseconds, as a decimal string: what a rollback puts back exactly. */
 export interface DirTime {
@@ -172,7 +172,7 @@ function isStep(v: unknown): v is Step {
   if (typeof s !== 'object' || s === null || !isRel(s.rel) || s.rel === '' || !isDecimal(s.ino)) return false;
   if (s.op === 'aside') return typeof s.backup === 'string' && STAGED_NAME.test(s.backup);
   if (s.op === 'in') return typeof s.staged === 'string' && STAGED_NAME.test(s.staged);
-  return s.op === 'attrs' && isMode(s.mode) && isMode(s.undoMode) && (s.mtime === undefined || Number.isFinite(s.mtime));
+  return s.op === 'attrs' && isMode(s.mode) && isMode(s.undoMode) && (s.mtimeNs === undefined || isDecimal(s.mtimeNs));
 }
 
 /**

@@ -5,7 +5,8 @@ import { Ext4FormatError, Ext4Image, S_IFDIR, S_IFLNK, S_IFMT, type Inode } from
 import { fileDataRuns, readSymlinkTarget } from './ext4-data.js';
 import { relKey } from './host-tree.js';
 import { childrenByParent, type Plan, type PlannedEntry } from './sync-plan.js';
-import { inodeMtime, type TreeChanges } from './tree-diff.js';
+import { utimeArg } from './host-ops.js';
+import { inodeMtimeNs, type TreeChanges } from './tree-diff.js';
 
 /** Owner write: rename(2) needs it on a directory that moves to another parent (to update its `..`). */
 export const OWNER_WRITE = 0o200;
@@ -77,7 +78,7 @@ export async function buildReplacements(imagePath: string, work: string, plan: P
       const { inode } = entry;
       if ((inode.mode & S_IFMT) === S_IFLNK) {
         symlinkSync(readSymlinkTarget(img, inode), path);
-        lutimesSync(path, inodeMtime(inode), inodeMtime(inode));
+        lutimesSync(path, utimeArg(inodeMtimeNs(inode)), utimeArg(inodeMtimeNs(inode)));
         continue;
       }
       const file = join(store, String(inode.ino));
@@ -85,7 +86,7 @@ export async function buildReplacements(imagePath: string, work: string, plan: P
         extracted.add(inode.ino);
         await copyFileData(img, image, inode, file, buffer, signal);
         chmodSync(file, plan.files.get(inode.ino)!.mode);
-        utimesSync(file, inodeMtime(inode), inodeMtime(inode));
+        utimesSync(file, utimeArg(inodeMtimeNs(inode)), utimeArg(inodeMtimeNs(inode)));
         result.bytesWritten += Number(inode.size);
       }
       linkSync(file, path);
@@ -105,7 +106,7 @@ export async function buildReplacements(imagePath: string, work: string, plan: P
       mode |= OWNER_WRITE;
     }
     chmodSync(path, mode);
-    utimesSync(path, inodeMtime(entry.inode), inodeMtime(entry.inode));
+    utimesSync(path, utimeArg(inodeMtimeNs(entry.inode)), utimeArg(inodeMtimeNs(entry.inode)));
   }
   for (const index of tops) {
     const staged = stagedName(index);

@@ -31,8 +31,7 @@ export interface DirFix {
   rel: Buffer;
   old: HostState;
   mode: number;
-  /** Float seconds, as every extracted entry gets its mtime. */
-  mtime: number;
+  mtimeNs: bigint;
   /** Entries move in or out of it: rename(2) needs write permission here. */
   entriesChange: boolean;
 }
@@ -52,10 +51,6 @@ const SLASH = Buffer.from('/');
 
 export function inodeMtimeNs(inode: Inode): bigint {
   return inode.mtimeSec * 1_000_000_000n + BigInt(inode.mtimeNsec);
-}
-
-export function inodeMtime(inode: Inode): number {
-  return Number(inode.mtimeSec) + inode.mtimeNsec / 1e9;
 }
 
 function hostState(st: BigIntStats): HostState {
@@ -114,7 +109,7 @@ export function diffTree(img: Ext4Image, host: string, hostStat: BigIntStats, pl
     const entriesChange = changes.replacements.length > before;
     const old = hostState(dirSt);
     if (dir.rel.length > 0 && (entriesChange || old.mode !== dir.mode || old.mtimeNs !== inodeMtimeNs(dir.inode))) {
-      changes.dirFixes.push({ rel: dir.rel, old, mode: dir.mode, mtime: inodeMtime(dir.inode), entriesChange });
+      changes.dirFixes.push({ rel: dir.rel, old, mode: dir.mode, mtimeNs: inodeMtimeNs(dir.inode), entriesChange });
     }
   }
   return changes;

@@ -8,13 +8,13 @@ import { joinRel, walkHost } from './host-tree.js';
  * manifests are equal; tests compare manifests, and `treeDigest` condenses one to a hash for
  * before/after checks (e.g. that a discarded run left HOST untouched).
  */
-export function treeManifest(root: string, options: { mtime?: 'ns' | 'ms' } = {}): string[] {
+export function treeManifest(root: string, options: { mtime?: 'ns' | 'us' } = {}): string[] {
   const entries = walkHost(root).sort((a, b) => Buffer.compare(a.rel, b.rel));
   const firstPathOfInode = new Map<bigint, string>();
   const lines: string[] = [];
   for (const { rel, stat: st } of entries) {
     const path = JSON.stringify(rel.toString('utf8')) + (rel.toString('utf8').includes('\ufffd') ? `#${rel.toString('hex')}` : '');
-    const mtime = options.mtime === 'ms' ? st.mtimeNs / 1_000_000n : st.mtimeNs;
+    const mtime = options.mtime === 'us' ? st.mtimeNs / 1_000n : st.mtimeNs;
     const type = st.isDirectory() ? 'd' : st.isFile() ? 'f' : st.isSymbolicLink() ? 'l' : st.isFIFO() ? 'p' : st.isSocket() ? 's' : 'x';
     let detail = '';
     if (st.isFile()) {

@@ -10,6 +10,7 @@ import {
   discardStaged, imageIsClean, parseAddDirSpec, stageAddDir, syncBack, treeManifest, type StagedDir,
 } from '../../src/dirsync/index.js';
 import { Ext4Image } from '../../src/dirsync/ext4.js';
+import { utimeArg } from '../../src/dirsync/host-ops.js';
 import { joinRel, walkHost } from '../../src/dirsync/host-tree.js';
 import { scratchTree } from './scratch.js';
 
@@ -104,6 +105,20 @@ describe('stageAddDir', () => {
   });
 });
 
+describe('utimeArg', () => {
+  it('makes Node set exactly the time given, to the microsecond, before 1970 too', () => {
+    const file = join(base, 'times');
+    writeFileSync(file, '');
+    const samples = [0n, 999n, 1000n, -1n, -1001n, -1_000_000_000n, 1_796_297_567_372_000_050n, 4_102_444_800_999_999_999n];
+    for (let i = 0; i < 2000; i++) samples.push(BigInt(Math.floor(Math.random() * 4e9) - 1e9) * 1_000_000_000n + BigInt(Math.floor(Math.random() * 1e9)));
+    for (const ns of samples) {
+      utimesSync(file, utimeArg(ns), utimeArg(ns));
+      const micros = ns / 1000n - (ns % 1000n < 0n ? 1n : 0n);
+      assert.equal(statSync(file, { bigint: true }).mtimeNs, micros * 1000n, `${ns} ns`);
+    }
+  });
+});
+
 describe('syncBack', () => {
   it('leaves HOST byte-identical when the guest changed nothing', async () => {
     const host = hostTree();
@@ -145,8 +160,8 @@ describe('syncBack', () => {
 
     const synced = await guestLeaves(staged, final);
     const report = await syncBack(synced);
-    // Mtimes compare to the ms: changed files get theirs through float seconds.
-    assert.deepEqual(treeManifest(host, { mtime: 'ms' }), treeManifest(final, { mtime: 'ms' }));
+    // Mtimes compare to the µs: Node sets file times no finer.
+    assert.deepEqual(treeManifest(host, { mtime: 'us' }), treeManifest(final, { mtime: 'us' }));
     assert.equal(statSync(join(host, 'plain.txt')).ino, statSync(join(host, 'deep/hardlink.txt')).ino);
     assert.equal(statSync(join(host, 'new.txt')).ino, statSync(join(host, 'new-hardlink.txt')).ino);
     assert.ok(allocated(join(host, 'guest-sparse.bin')) < MiB, 'a sparse file stays sparse');
@@ -169,12 +184,16 @@ describe('syncBack', () => {
       'sif exec.sh mode 0100600',
       'sif fresh.txt uid 4242',
       'sif fresh.txt mtime @1234567890',
+      `write ${src} old.txt`,
+      'sif old.txt mtime @-100000',
+      'sif old.txt mtime_extra 4000',
     ];
     execFileSync('debugfs', ['-w', '-f', '-', staged.imagePath], { input: cmds.join('\n'), stdio: ['pipe', 'ignore', 'ignore'] });
     await syncBack(staged);
     assert.equal(readFileSync(join(host, 'fresh.txt'), 'utf8'), 'written by the guest\n');
     assert.equal(statSync(join(host, 'fresh.txt')).uid, process.getuid!(), 'owned by the invoking user, not the guest uid');
     assert.equal(statSync(join(host, 'fresh.txt')).mtimeMs, 1234567890_000);
+    assert.equal(statSync(join(host, 'old.txt'), { bigint: true }).mtimeNs, -100_000_000_000_000n + 1000n, 'a time before 1970 kept');
     assert.equal(statSync(join(host, 'exec.sh')).mode & 0o7777, 0o600);
     assert.equal(execFileSync('readlink', [join(host, 'newdir/link')], { encoding: 'utf8' }).trim(), '../fresh.txt');
     assert.equal(readFileSync(join(host, 'deep/hardlink.txt'), 'utf8'), 'hello\n', 'the other name of a removed hard link stays');
