@@ -4,6 +4,7 @@
  * main), or, with --json, as events on stdout (json-events.ts) ending in `exit` or `error`.
  */
 import type { Readable, Writable } from 'node:stream';
+import type { Command } from 'commander';
 import { finished } from 'node:stream/promises';
 import type { ExecResult } from '../sdk/exec.js';
 import { describeFailure, printDebugStack } from './failure.js';
@@ -86,12 +87,24 @@ class JsonOutput implements CommandOutput {
 
 /**
  * Whether an `exec` or `console` command line asks for --json, read before commander parses it:
- * a flag that commander refuses may come before `--json`, and its error is then an event too. The
- * options end at `--`.
+ * a flag that commander refuses may come before `--json`, and its error is then an event too.
+ * Read as commander reads it: an option's value is not an option, and the options end at `--`,
+ * and for exec (whose options after CMD are CMD's) at the first operand.
  */
-export function jsonRequested(args: readonly string[]): boolean {
-  const [command, ...rest] = args;
-  if (command !== 'exec' && command !== 'console') return false;
-  const end = rest.indexOf('--');
-  return (end < 0 ? rest : rest.slice(0, end)).includes('--json');
+export function jsonRequested(root: Command, args: readonly string[]): boolean {
+  const [name, ...rest] = args;
+  const command = name === 'exec' || name === 'console' ? root.commands.find((c) => c.name() === name) : undefined;
+  if (command === undefined) return false;
+  for (let i = 0; i < rest.length; i++) {
+    const arg = rest[i]!;
+    if (arg === '--') return false;
+    if (arg === '--json') return true;
+    if (!arg.startsWith('-') || arg === '-') {
+      if (name === 'exec') return false;
+      continue;
+    }
+    const option = command.options.find((o) => o.long === arg || o.short === arg);
+    if (option?.required || (option?.optional && !rest[i + 1]?.startsWith('-'))) i++;
+  }
+  return false;
 }

@@ -35,17 +35,18 @@ function program(): Command {
  * their failures as events themselves; commander's come before their action, so the command line
  * says whether one is wanted.
  */
-function report(error: unknown): number {
+function report(error: unknown, root: Command): number {
   if (error instanceof CommanderError && error.exitCode === 0) return 0;
   printDebugStack(error);
   const failure = describeFailure(error);
-  if (error instanceof CommanderError && jsonRequested(process.argv.slice(2))) new EventWriter(process.stdout).write(errorEvent(failure));
+  if (error instanceof CommanderError && jsonRequested(root, process.argv.slice(2))) new EventWriter(process.stdout).write(errorEvent(failure));
   else printFailure(failure);
   return failure.exitCode;
 }
 
+const root = program();
 try {
-  await program().parseAsync(process.argv);
+  await root.parseAsync(process.argv);
 } catch (error) {
-  process.exitCode = report(error);
+  process.exitCode = report(error, root);
 }

@@ -9,9 +9,12 @@ import { PassThrough, Writable } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { describe, test } from 'node:test';
+import { Command } from 'commander';
 import { commandOutput, jsonRequested, type CommandOutput } from '../../src/cli/command-output.js';
+import { execCommand } from '../../src/cli/exec.js';
 import { incompleteUtf8Tail, type JsonEvent } from '../../src/cli/json-events.js';
 import { Interrupted } from '../../src/cli/signals.js';
+import { consoleCommand } from '../../src/cli/up.js';
 import { MvmError } from '../../src/errors.js';
 import type { ExecResult } from '../../src/sdk/exec.js';
 
@@ -209,12 +212,18 @@ test('the schema check is not vacuous: it refuses events with a missing, mistype
   }
 });
 
-test('--json is read off exec and console command lines up to --', () => {
-  assert.equal(jsonRequested(['exec', '--timeout', 'abc', '--json', '--', 'true']), true);
-  assert.equal(jsonRequested(['exec', '--json']), true);
-  assert.equal(jsonRequested(['console', 'vm', '--json', '--command', 'true']), true);
-  assert.equal(jsonRequested(['exec', '--', 'sh', '--json']), false);
-  assert.equal(jsonRequested(['exec', '--timeout', 'abc', '--', 'true']), false);
-  assert.equal(jsonRequested(['ls', '--json']), false);
-  assert.equal(jsonRequested([]), false);
+test('--json is read off exec and console command lines as commander reads them', () => {
+  const root = new Command('mvmctl').enablePositionalOptions().addCommand(execCommand()).addCommand(consoleCommand());
+  const asks = (...args: string[]) => jsonRequested(root, args);
+  assert.equal(asks('exec', '--timeout', 'abc', '--json', '--', 'true'), true);
+  assert.equal(asks('exec', '--json'), true);
+  assert.equal(asks('exec', '-e', 'A=1', '--memory', '-1', '--json', '--', 'true'), true);
+  assert.equal(asks('console', 'vm', '--json', '--command', 'true'), true);
+  assert.equal(asks('console', 'vm', '--command', '--json'), false, 'a value, not the flag');
+  assert.equal(asks('exec', '-w', '--json', '--', 'true'), false, 'a value, not the flag');
+  assert.equal(asks('exec', '--timeout', 'abc', 'sh', '-c', 'echo --json'), false, "exec's options end at CMD");
+  assert.equal(asks('exec', '--', 'sh', '--json'), false);
+  assert.equal(asks('exec', '--timeout', 'abc', '--', 'true'), false);
+  assert.equal(asks('ls', '--json'), false);
+  assert.equal(asks(), false);
 });
