@@ -3,16 +3,16 @@ import type { Duplex, Readable } from 'node:stream';
 import {
   Capability,
   ErrorCode,
-  ExecFlag,
   ExitKind,
   HELLO_REPEAT_MS,
   MountFlag,
   PROTOCOL_VERSION,
 } from './constants.js';
 import { FrameDecoder } from './decode.js';
+import { encodeExecRequest, type ExecOptions } from './exec-request.js';
 import { ExecRun, toExitStatus, type ExecHandle, type ExitStatus, type RunLink } from './exec-run.js';
 import { encodeFrame } from './encode.js';
-import type { AgentMessage, ExecUser, HostMessage, TtySize } from './messages.js';
+import type { AgentMessage, HostMessage } from './messages.js';
 import {
   AgentConnectionError,
   AgentTimeoutError,
@@ -41,31 +41,6 @@ export interface ConnectOptions {
 /** Generous for an UNMOUNT that syncs a large rw directory under software emulation. */
 export const REQUEST_TIMEOUT_MS = 60_000;
 
-export interface ExecOptions {
-  /** Exact argv, run with execvp in the guest (no shell). */
-  argv: readonly string[];
-  /** Overlaid on the agent's base environment (PATH, HOME). */
-  env?: Readonly<Record<string, string>>;
-  /** Working directory; default `/`. */
-  cwd?: string;
-  /** Deadline after which the agent SIGKILLs the command's process group; default none. */
-  timeoutMs?: number;
-  /** Give the command a stdin stream; otherwise its stdin is /dev/null. */
-  stdin?: boolean;
-  /** Create `cwd` and its parents if missing. */
-  mkdirCwd?: boolean;
-  /**
-   * Run on a pseudo-terminal of this size: everything the command writes comes on `stdout` (stderr
-   * stays empty), and stdin goes through the terminal (a Ctrl-C byte interrupts its foreground job).
-   * Needs an agent with the TTY capability, else TtyUnavailableError.
-   */
-  tty?: TtySize;
-  /** Run as this user (`gid` may be GID_OF_USER); needs the agent's USER capability. Default: root. */
-  user?: ExecUser;
-  /** Aborting it ends the whole session, which kills the command. */
-  signal?: AbortSignal;
-}
-
 const noop = (): void => {};
 
 type AgentHello = Extract<AgentMessage, { type: 'hello' }>;
@@ -75,8 +50,6 @@ type Pending =
   | { kind: 'hello'; resolve(msg: AgentHello): void; reject(err: Error): void }
   | { kind: 'exec'; started(pid: number): void; spawnFailed(status: ExitStatus): void; reject(err: Error): void }
   | { kind: 'ok'; resolve(): void; reject(err: Error): void };
-
-
 
 /**
  * One connection to a guest agent over any byte stream (unix socket, vsock-over-unix, virtio port).
@@ -149,19 +122,7 @@ export class AgentSession {
     if (options.user && !this.hasCapability(Capability.USER)) {
       throw new InvalidRequestError(`this image's agent (${this.agentVersion}) cannot run a command as another user; rebuild the image or template`);
     }
-    const frame = encodeFrame({
-      type: 'exec',
-      timeoutMs: options.timeoutMs === undefined ? 0 : Math.ceil(options.timeoutMs),
-      flags: (options.stdin ? ExecFlag.STDIN : 0) | (options.mkdirCwd ? ExecFlag.MKDIR_CWD : 0),
-      cwd: options.cwd ?? '',
-      argv: options.argv,
-      ...(options.user ? { user: options.user } : {}),
-      env: Object.entries(options.env ?? {}).map(([key, value]) => {
-        if (key === '' || key.includes('=')) throw new InvalidRequestError(`invalid environment variable name ${JSON.stringify(key)}`);
-        return `${key}=${value}`;
-      }),
-      ...(options.tty ? { tty: options.tty } : {}),
-    });
+    const frame = encodeExecRequest(options);
     const stopAbort = options.signal ? this.abortOn(options.signal) : noop;
     this.checkOpen();
     this.execBusy = true;
