@@ -2,6 +2,7 @@
 import { CommanderError } from 'commander';
 import { EXIT_MVM_FAILURE, MvmError } from '../errors.js';
 import { Interrupted } from './signals.js';
+import { terminalSafe } from './terminal-text.js';
 
 export interface Failure {
   /** One line: the cause and, where there is one, the fix. */
@@ -29,6 +30,6 @@ export function printDebugStack(error: unknown): void {
 
 /** The failure as lines on stderr. */
 export function printFailure(failure: Failure): void {
-  process.stderr.write(`mvmctl: ${failure.message}\n`);
-  for (const line of failure.details) process.stderr.write(`  | ${line}\n`);
+  process.stderr.write(`mvmctl: ${terminalSafe(failure.message)}\n`);
+  for (const line of failure.details) process.stderr.write(`  | ${terminalSafe(line)}\n`);
 }

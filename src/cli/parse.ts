@@ -2,6 +2,7 @@ import { InvalidArgumentError, Option } from 'commander';
 import { ACCEL_CHOICES } from '../accel/index.js';
 import { flakeRefProblem } from '../flake/nix.js';
 import { checkGuestString, integerIn, InvalidOptionError, parseMemory as memoryMiB, parseUser } from '../sdk/parse.js';
+import { terminalSafe } from './terminal-text.js';
 
 export { bootTimeoutFromEnv } from '../sdk/parse.js';
 
@@ -50,7 +51,7 @@ export function accelOption(): Option {
 
 /** One line on stderr for warnings and notes, as every mvmctl command prints them. */
 export function logLine(line: string): void {
-  process.stderr.write(`mvmctl: ${line}\n`);
+  process.stderr.write(`mvmctl: ${terminalSafe(line)}\n`);
 }
 
 /** `--flake`: a flake reference (checked for shape only; nix says the rest when it runs). */

@@ -11,6 +11,7 @@ import { supervise, type SupervisedOptions } from '../supervisor/serve.js';
 import { commandOutput, type CommandOutput } from './command-output.js';
 import { collect, logLine, parseIntegerIn, parseUserFlag, USER_FLAG_HELP } from './parse.js';
 import { Interrupted, runInterruptibly } from './signals.js';
+import { terminalSafe } from './terminal-text.js';
 import { addVmFlags, vmOptionsFromFlags, type VmFlags } from './vm-flags.js';
 import { attachHostTerminal, hostTtySize, refuseJsonWithTty } from './tty.js';
 
@@ -31,7 +32,7 @@ export function upCommand(): Command {
       verbose: flags.verbose ?? false,
     };
     process.exitCode = await runInterruptibly(async (signal) => {
-      const name = await startSupervised(process.argv[1]!, options, (line) => process.stderr.write(`${line}\n`), signal);
+      const name = await startSupervised(process.argv[1]!, options, (line) => process.stderr.write(`${terminalSafe(line)}\n`), signal);
       process.stdout.write(`${name}\n`);
       return 0;
     });
@@ -120,7 +121,7 @@ export function superviseCommand(): Command {
     process.stdout.on('error', () => {});
     process.stderr.on('error', () => {});
     process.exitCode = await supervise(options, {
-      line: (line) => process.stderr.write(`mvmctl: ${line}\n`),
+      line: logLine,
       ready: (name) => process.stdout.write(JSON.stringify({ ready: name }) + '\n'),
       failed: (error) => process.stdout.write(JSON.stringify({ error: { message: error.message, exitCode: error.exitCode, details: error.details } }) + '\n'),
     });

@@ -57,6 +57,18 @@ describe('mvmctl exec', () => {
     assert.equal(result.stderr, 'to-err\n');
   });
 
+  test("a hostile guest's console and agent texts reach mvmctl's own lines as escapes, never as terminal control; the command's output stays its bytes", async () => {
+    const script = 'printf "A\\033]0;owned\\007B\\033[2JC\\n" > /dev/console; printf "out\\033[31m\\n"';
+    const shown = await mvmctl(['exec', '-v', '--', 'sh', '-c', script], { ...env, MVM_NO_TCG_WARNING: '1' });
+    assert.equal(shown.code, 0, shown.stderr);
+    assert.equal(shown.stdout.toString(), 'out\x1b[31m\n', 'as with docker run, the command writes to the terminal what it likes');
+    assert.ok(shown.stderr.includes('A\\x1b]0;owned\\x07B\\x1b[2JC'), shown.stderr);
+    const missing = await mvmctl(['exec', '--', 'no\x1b[31mpe'], env);
+    assert.equal(missing.code, 127, missing.stderr);
+    assert.ok(missing.stderr.includes('no\\x1b[31mpe'), missing.stderr);
+    for (const stderr of [shown.stderr, missing.stderr]) assert.doesNotMatch(stderr, /[\x00-\x08\x0b-\x1f\x7f]/, 'no control character on stderr');
+  });
+
   test('exit codes: the command’s own, 128+N on a signal, 126, 127', async () => {
     const cases: [string[], number][] = [
       [['sh', '-c', 'exit 1'], 1],
