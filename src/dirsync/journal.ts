@@ -39,7 +39,8 @@ export interface DirTime {
 export type JournalState = 'preparing' | 'applying' | 'committed';
 
 export interface Journal {
-  version: 1;
+  /** 2 since an attrs step's time is in nanoseconds; recovery leaves another version's journal alone, with one line. */
+  version: 2;
   id: string;
   /** The process applying it; recovery leaves the journal of a live process alone. */
   pid: number;
@@ -76,7 +77,7 @@ export function journalPath(journal: Pick<Journal, 'id'>): string {
 export function newJournal(host: string, hostStat: { dev: bigint; ino: bigint; mtimeNs: bigint }): Journal {
   const id = randomBytes(8).toString('hex');
   return takeOver({
-    version: 1,
+    version: 2,
     id,
     pid: 0,
     startTicks: null,
@@ -189,7 +190,7 @@ function parseJournal(text: string, fileName: string): Journal | undefined {
   const ok =
     typeof j === 'object' &&
     j !== null &&
-    j.version === 1 &&
+    j.version === 2 &&
     typeof j.id === 'string' &&
     fileName === `${j.id}.json` &&
     Number.isInteger(j.pid) &&
