@@ -4,10 +4,12 @@ import { text } from 'node:stream/consumers';
 import { Command } from 'commander';
 import { MvmError } from '../errors.js';
 import { envFromAssignments } from '../launchplan/env.js';
+import { progressReporter } from '../progress.js';
 import type { ExecResult } from '../sdk/exec.js';
 import { DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE } from '../sdk/parse.js';
 import { consoleRun, startSupervised } from '../supervisor/client.js';
 import { supervise, type SupervisedOptions } from '../supervisor/serve.js';
+import type { StartReport } from '../supervisor/wire.js';
 import { commandOutput, type CommandOutput } from './command-output.js';
 import { collect, logLine, parseIntegerIn, parseUserFlag, USER_FLAG_HELP } from './parse.js';
 import { Interrupted, runInterruptibly } from './signals.js';
@@ -32,7 +34,11 @@ export function upCommand(): Command {
       verbose: flags.verbose ?? false,
     };
     process.exitCode = await runInterruptibly(async (signal) => {
-      const name = await startSupervised(process.argv[1]!, options, (line) => process.stderr.write(`${terminalSafe(line)}\n`), signal);
+      const name = await startSupervised(process.argv[1]!, options, {
+        onLine: (line) => process.stderr.write(`${terminalSafe(line)}\n`),
+        onProgress: progressReporter({ force: flags.verbose }),
+        signal,
+      });
       process.stdout.write(`${name}\n`);
       return 0;
     });
@@ -120,10 +126,13 @@ export function superviseCommand(): Command {
     // Once `up` has returned, nobody reads these pipes: nothing is written to them then.
     process.stdout.on('error', () => {});
     process.stderr.on('error', () => {});
+    const say = (report: StartReport) => process.stdout.write(JSON.stringify(report) + '\n');
     process.exitCode = await supervise(options, {
       line: logLine,
-      ready: (name) => process.stdout.write(JSON.stringify({ ready: name }) + '\n'),
-      failed: (error) => process.stdout.write(JSON.stringify({ error: { message: error.message, exitCode: error.exitCode, details: error.details } }) + '\n'),
+      progress: (line) => say({ progress: line }),
+      alive: () => say({ alive: true }),
+      ready: (name) => say({ ready: name }),
+      failed: (error) => say({ error: { message: error.message, exitCode: error.exitCode, details: error.details } }),
     });
   });
 }

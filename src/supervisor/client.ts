@@ -9,19 +9,34 @@ import { MvmError } from '../errors.js';
 import type { ExecResult } from '../sdk/exec.js';
 import { listVms, vmRunDir } from '../state/registry.js';
 import type { SupervisedOptions } from './serve.js';
-import { controlSocketPath, onLines, readMessages, send } from './wire.js';
+import { controlSocketPath, HEARTBEAT_MS, onLines, readMessages, send, type StartReport } from './wire.js';
 
-/** How long a VM may take to boot under its supervisor before `up` gives up on it. */
-const UP_TIMEOUT_MS = 300_000;
+/**
+ * How long the supervisor may go without a word (it says it is alive every HEARTBEAT_MS while the
+ * VM starts) before `up` takes it for hung. The start itself can take many minutes the first time
+ * (building the kernel, the image or a flake); each of its steps has its own deadline, and the
+ * boot has the boot timeout.
+ */
+const UP_QUIET_TIMEOUT_MS = 12 * HEARTBEAT_MS;
 /** How long a stop (unmounts, power-off, sync-back of rw directories) may take. */
 const STOP_TIMEOUT_MS = 600_000;
 
+export interface SupervisedStart {
+  /** The supervisor's lines for the user until the VM is up (warnings, -v). */
+  onLine(line: string): void;
+  /** Its progress lines (image and flake builds). */
+  onProgress(line: string): void;
+  signal: AbortSignal;
+  /** Replaces UP_QUIET_TIMEOUT_MS (tests). */
+  quietTimeoutMs?: number;
+}
+
 /**
  * Starts a supervisor (`mvmctl __supervise`, detached in its own session, so a Ctrl-C at the
- * terminal does not reach it) and resolves with the VM's name once it is up. Its lines until then
- * go to `onLine`.
+ * terminal does not reach it) and resolves with the VM's name once it is up.
  */
-export function startSupervised(mvmctl: string, options: SupervisedOptions, onLine: (line: string) => void, signal: AbortSignal): Promise<string> {
+export function startSupervised(mvmctl: string, options: SupervisedOptions, start: SupervisedStart): Promise<string> {
+  const { signal, quietTimeoutMs = UP_QUIET_TIMEOUT_MS } = start;
   const child = spawn(process.execPath, [mvmctl, '__supervise'], { detached: true, stdio: ['pipe', 'pipe', 'pipe'] });
   child.stdin!.end(JSON.stringify(options));
   return new Promise<string>((resolve, reject) => {
@@ -31,10 +46,16 @@ export function startSupervised(mvmctl: string, options: SupervisedOptions, onLi
       finish(signal.reason as Error);
     };
     signal.addEventListener('abort', onAbort, { once: true });
-    const timer = setTimeout(() => {
-      child.kill('SIGTERM');
-      finish(new MvmError(`the VM did not come up within ${UP_TIMEOUT_MS / 1000} s`));
-    }, UP_TIMEOUT_MS);
+    let timer: NodeJS.Timeout | undefined;
+    const heard = () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        // Its event loop no longer runs, so a SIGTERM would wait too; its VMM dies with it.
+        child.kill('SIGKILL');
+        finish(new MvmError(`the VM's supervisor stopped answering while the VM started (nothing for ${quietTimeoutMs / 1000} s), and was killed`));
+      }, quietTimeoutMs);
+    };
+    heard();
     let settled = false;
     const finish = (result: string | Error) => {
       if (settled) return;
@@ -48,11 +69,16 @@ export function startSupervised(mvmctl: string, options: SupervisedOptions, onLi
       if (typeof result === 'string') resolve(result);
       else reject(result);
     };
-    onLines(child.stderr!, onLine);
+    onLines(child.stderr!, (line) => {
+      heard();
+      start.onLine(line);
+    });
     onLines(child.stdout!, (line) => {
-      const report = JSON.parse(line) as { ready?: string; error?: { message: string; exitCode: number; details?: string[] } };
-      if (report.ready) finish(report.ready);
-      else if (report.error) finish(new MvmError(report.error.message, report.error.exitCode, report.error.details));
+      heard();
+      const report = JSON.parse(line) as StartReport;
+      if ('progress' in report) start.onProgress(report.progress);
+      else if ('ready' in report) finish(report.ready);
+      else if ('error' in report) finish(new MvmError(report.error.message, report.error.exitCode, report.error.details));
     });
     child.once('exit', (code, signal) => finish(new MvmError(`the VM's supervisor exited before the VM was up (${signal ?? `status ${code}`})`)));
   });

@@ -10,14 +10,18 @@ import { MvmError } from '../errors.js';
 import { MicroVm } from '../sdk/microvm.js';
 import type { VmOptions } from '../sdk/options.js';
 import { vmRunDir } from '../state/registry.js';
-import { controlSocketPath, readMessages, send, type SupervisorMessage } from './wire.js';
+import { controlSocketPath, HEARTBEAT_MS, readMessages, send, type SupervisorMessage } from './wire.js';
 
 /** What `up` hands its supervisor: VmOptions that survive JSON. */
 export type SupervisedOptions = Omit<VmOptions, 'signal' | 'onProgress' | 'onWarning' | 'label'>;
 
 export interface SupervisorReport {
-  /** Lines for the user while `up` still waits (warnings, progress, -v). */
+  /** Lines for the user while `up` still waits (warnings, -v). */
   line(text: string): void;
+  /** Progress of long work while `up` still waits (building the image or a flake): shown on a terminal or with -v. */
+  progress(text: string): void;
+  /** Said every HEARTBEAT_MS while the VM starts, so that `up` can tell a long build from a supervisor that hangs. */
+  alive(): void;
   ready(name: string): void;
   failed(error: MvmError): void;
 }
@@ -31,19 +35,22 @@ export async function supervise(options: SupervisedOptions, report: SupervisorRe
   for (const signal of STOP_SIGNALS) process.once(signal, onStartSignal);
   // Until `up` has returned, lines go to it; after, to the clients asking for a stop.
   let sink: (line: string) => void = report.line;
+  let progressSink: (line: string) => void = report.progress;
   let vm: MicroVm;
+  const heartbeat = setInterval(() => report.alive(), HEARTBEAT_MS);
   try {
     vm = await MicroVm.start({
       ...options,
       label: ['(up)'],
       signal: startAbort.signal,
       onWarning: (line) => sink(line),
-      onProgress: (line) => sink(line),
+      onProgress: (line) => progressSink(line),
     });
   } catch (error) {
     report.failed(error instanceof MvmError ? error : new MvmError((error as Error).message));
     return 125;
   } finally {
+    clearInterval(heartbeat);
     for (const signal of STOP_SIGNALS) process.removeListener(signal, onStartSignal);
   }
 
@@ -56,6 +63,7 @@ export async function supervise(options: SupervisedOptions, report: SupervisorRe
   sink = (line) => {
     for (const client of stopClients) send(client, { type: 'log', line });
   };
+  progressSink = sink;
   const server = createServer((socket) => serveClient(socket, vm, { onStop: (client) => (stopClients.add(client), void stop()) }));
   await listen(server, controlSocketPath(vmRunDir(vm.name)!));
   for (const signal of STOP_SIGNALS) process.on(signal, () => void stop());

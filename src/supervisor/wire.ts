@@ -32,6 +32,16 @@ export type SupervisorMessage =
   | { type: 'error'; message: string; exitCode: number; details?: string[] }
   | { type: 'stopped' };
 
+/** Supervisor → `up`, one JSON line each on the supervisor's stdout while the VM starts (its stderr has lines for the user). */
+export type StartReport =
+  | { progress: string }
+  | { alive: true }
+  | { ready: string }
+  | { error: { message: string; exitCode: number; details?: readonly string[] } };
+
+/** How often the supervisor says `alive` while the VM starts. */
+export const HEARTBEAT_MS = 5_000;
+
 export function send(socket: Duplex, message: ClientMessage | SupervisorMessage): boolean {
   return socket.write(JSON.stringify(message) + '\n');
 }
