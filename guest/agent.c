@@ -139,7 +139,7 @@ static void serve_once(void)
 	if (g_cmd.active && !g_cmd.exited && g_cmd.deadline && now >= g_cmd.deadline &&
 	    !g_cmd.timed_out) {
 		g_cmd.timed_out = 1;
-		kill(-g_cmd.pid, SIGKILL);
+		cmd_kill();
 	}
 	if (g_cmd.active && g_cmd.exited && !tx_room(DATA_ROOM)) {
 		/* stalled by the host, not waiting for the pipes: the drain clock does not run */

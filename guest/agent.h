@@ -90,6 +90,7 @@ extern struct command g_cmd;
 
 void cmd_reap(void);
 void cmd_abort(void);
+void cmd_kill(void);
 void flush_acks(void);
 void cmd_check_finish(int64_t now);
 void cmd_read_pipe(int *fd, uint8_t type);
@@ -103,6 +104,7 @@ void on_signal(const struct mvm_h2g *m);
 int tty_open(uint16_t rows, uint16_t cols, int *master, int *slave);
 int tty_attach(int slave);
 void tty_write_eof(int master);
+void tty_kill_session(pid_t sid);
 void on_resize(const struct mvm_h2g *m);
 
 /* child.c: in the forked child, never returns */

@@ -28,6 +28,16 @@ static void close_fd(int *fd)
 	}
 }
 
+/* SIGKILL to the command's process group and, with a tty, to all of its session: a job-control
+ * shell puts background jobs in groups of their own, which would otherwise keep the terminal
+ * open, and their output coming, until the drain limit. */
+void cmd_kill(void)
+{
+	kill(-g_cmd.pid, SIGKILL);
+	if (g_cmd.tty_fd >= 0)
+		tty_kill_session(g_cmd.pid);
+}
+
 static void cmd_exited(int status)
 {
 	int64_t now = now_ns();
@@ -52,7 +62,7 @@ void cmd_reap(void)
 		if (waitid(P_PID, (id_t)g_cmd.pid, &si, WEXITED | WNOHANG | WNOWAIT) == 0 &&
 		    si.si_pid == g_cmd.pid) {
 			/* the zombie still holds the group id: kill the group before reaping */
-			kill(-g_cmd.pid, SIGKILL);
+			cmd_kill();
 			while (waitpid(g_cmd.pid, &st, 0) < 0 && errno == EINTR)
 				;
 			cmd_exited(st);
@@ -60,7 +70,7 @@ void cmd_reap(void)
 	}
 	while ((p = waitpid(-1, &st, WNOHANG)) > 0) {
 		if (g_cmd.active && !g_cmd.exited && p == g_cmd.pid) {
-			kill(-p, SIGKILL);
+			cmd_kill();
 			cmd_exited(st);
 		}
 	}
@@ -72,7 +82,7 @@ void cmd_abort(void)
 	int st;
 	if (!g_cmd.active)
 		return;
-	kill(-g_cmd.pid, SIGKILL);
+	cmd_kill();
 	if (!g_cmd.exited) {
 		while (waitpid(g_cmd.pid, &st, 0) < 0 && errno == EINTR)
 			;

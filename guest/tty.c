@@ -2,9 +2,13 @@
  * makes the slave its controlling terminal and its stdin, stdout and stderr. Only in dev-shell
  * builds. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <termios.h>
 #include <unistd.h>
@@ -63,6 +67,48 @@ void tty_write_eof(int master)
 		c = t.c_cc[VEOF];
 	while (write(master, &c, 1) < 0 && errno == EINTR)
 		;
+}
+
+/* SIGKILL to every process of session `sid`, found by the session field of /proc/PID/stat. Passes
+ * repeat while one finds somebody (a process may fork while we look), at most a few times. */
+void tty_kill_session(pid_t sid)
+{
+	int pass, found = 1;
+
+	for (pass = 0; pass < 8 && found; pass++) {
+		DIR *d = opendir("/proc");
+		struct dirent *e;
+
+		if (!d)
+			return;
+		found = 0;
+		while ((e = readdir(d))) {
+			char path[64], stat[256], state;
+			const char *close_paren;
+			int fd, ppid, pgrp, session;
+			ssize_t n;
+			long pid = strtol(e->d_name, NULL, 10);
+
+			if (pid <= 0)
+				continue;
+			snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+			fd = open(path, O_RDONLY | O_CLOEXEC);
+			if (fd < 0)
+				continue;
+			n = read(fd, stat, sizeof(stat) - 1);
+			close(fd);
+			if (n <= 0)
+				continue;
+			stat[n] = 0;
+			/* the command name in parentheses may itself hold ") " */
+			close_paren = strrchr(stat, ')');
+			if (close_paren &&
+			    sscanf(close_paren + 1, " %c %d %d %d", &state, &ppid, &pgrp, &session) == 4 &&
+			    session == sid && state != 'Z' && kill((pid_t)pid, SIGKILL) == 0)
+				found = 1;
+		}
+		closedir(d);
+	}
 }
 
 void on_resize(const struct mvm_h2g *m)

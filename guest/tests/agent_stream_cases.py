@@ -88,6 +88,22 @@ def t_group_killed_on_exit(a, n):
 
 
 @test
+def t_tty_jobs_killed_on_exit(a, n):
+    # with job control a background job has a group of its own: on a tty the whole session goes,
+    # so a job that keeps writing holds neither the terminal nor EXIT
+    c = a.conn()
+    marker = "x%d" % (MARK + 9)
+    t0 = time.monotonic()
+    script = "set -m; (while :; do echo %s; sleep 0.01; done) & sleep 0.3; echo started" % marker
+    r = run(c, ["sh", "-c", script], tty=(24, 80))
+    took = time.monotonic() - t0
+    assert r.exit == (0, 0, b"") and b"started" in r.out and marker.encode() in r.out, vars(r)
+    assert took < 1.5, took
+    wait_no_procs("echo %s" % marker, timeout=1)
+    c.close()
+
+
+@test
 def t_escaped_process(a, n):
     c = a.conn()
     t0 = time.monotonic()
