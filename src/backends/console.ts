@@ -1,3 +1,5 @@
+import { StringDecoder } from 'node:string_decoder';
+
 const MAX_LINES = 200;
 const MAX_LINE_BYTES = 4096;
 
@@ -8,9 +10,11 @@ const MAX_LINE_BYTES = 4096;
 export class ConsoleBuffer {
   private readonly lines: string[] = [];
   private partial = '';
+  /** Keeps a character that a chunk boundary split for the next chunk. */
+  private readonly decoder = new StringDecoder('utf8');
 
   push(chunk: Buffer, onLine?: (line: string) => void): void {
-    const parts = (this.partial + chunk.toString('utf8')).split('\n');
+    const parts = (this.partial + this.decoder.write(chunk)).split('\n');
     this.partial = parts.pop()!.slice(-MAX_LINE_BYTES);
     for (const raw of parts) {
       const line = raw.replace(/\r$/, '').slice(0, MAX_LINE_BYTES);

@@ -73,6 +73,10 @@ describe('guest console buffer', () => {
     assert.deepEqual(buffer.tail(2), ['second', 'third']);
     buffer.push(Buffer.from('x'.repeat(10_000) + '\n'));
     assert.ok(buffer.tail(1)[0].length <= 4096);
+    const name = Buffer.from('名前\n');
+    buffer.push(name.subarray(0, 4));
+    buffer.push(name.subarray(4));
+    assert.deepEqual(buffer.tail(1), ['名前'], 'a character split between chunks');
   });
 
   test('a guest that prints without end cannot grow it', () => {
