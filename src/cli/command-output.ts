@@ -4,8 +4,8 @@
  * main), or, with --json, as events on stdout (json-events.ts) ending in `exit` or `error`.
  */
 import type { Readable, Writable } from 'node:stream';
-import type { Command } from 'commander';
 import { finished } from 'node:stream/promises';
+import type { Command } from 'commander';
 import type { ExecResult } from '../sdk/exec.js';
 import { describeFailure, printDebugStack } from './failure.js';
 import { errorEvent, EventWriter, exitEvent, type StartedTimings } from './json-events.js';

@@ -47,7 +47,10 @@ export function startSupervised(mvmctl: string, options: SupervisedOptions, star
     };
     signal.addEventListener('abort', onAbort, { once: true });
     let timer: NodeJS.Timeout | undefined;
+    let settled = false;
     const heard = () => {
+      // Lines read in the same chunk as the last report come after it: no new clock for them.
+      if (settled) return;
       clearTimeout(timer);
       timer = setTimeout(() => {
         // Its event loop no longer runs, so a SIGTERM would wait too; its VMM dies with it.
@@ -56,7 +59,6 @@ export function startSupervised(mvmctl: string, options: SupervisedOptions, star
       }, quietTimeoutMs);
     };
     heard();
-    let settled = false;
     const finish = (result: string | Error) => {
       if (settled) return;
       settled = true;

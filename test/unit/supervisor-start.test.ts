@@ -26,12 +26,19 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-test('a slow start that keeps saying it is alive comes up; progress and lines reach their callbacks', async () => {
+test('a slow start that keeps saying it is alive comes up; progress and lines reach their callbacks; no clock runs once it is up', async () => {
+  const pidFile = join(base, 'slow.pid');
   const script = standIn('slow', `
+    (await import('node:fs')).writeFileSync(${JSON.stringify(pidFile)}, String(process.pid));
     process.stderr.write('mvmctl: a warning\\n');
     say({ progress: 'building the image' });
     const beat = setInterval(() => say({ alive: true }), 100);
-    setTimeout(() => { clearInterval(beat); say({ ready: 'vm-1' }); setTimeout(() => process.exit(0), 200); }, 4000);
+    setTimeout(() => {
+      clearInterval(beat);
+      // a line after the last report, in the same chunk
+      process.stdout.write(JSON.stringify({ ready: 'vm-1' }) + '\\n' + JSON.stringify({ alive: true }) + '\\n');
+      setTimeout(() => process.exit(0), 3000);
+    }, 4000);
   `);
   const lines: string[] = [];
   const progress: string[] = [];
@@ -39,6 +46,8 @@ test('a slow start that keeps saying it is alive comes up; progress and lines re
   assert.equal(name, 'vm-1');
   assert.deepEqual(lines, ['mvmctl: a warning']);
   assert.deepEqual(progress, ['building the image']);
+  await sleep(2000);
+  assert.equal(pidAlive(Number(readFileSync(pidFile, 'utf8'))), true, 'the supervisor of a VM that is up is left alone');
 });
 
 test('a supervisor that goes quiet is killed, and up fails with one line', async () => {
