@@ -55,6 +55,22 @@ int64_t now_ns(void)
 	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* The start of a small file (procfs, sysfs) as a string of at most size - 1 bytes; its length, or -1. */
+ssize_t read_text(const char *path, char *buf, size_t size)
+{
+	ssize_t n;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return -1;
+	n = read(fd, buf, size - 1);
+	close(fd);
+	if (n < 0)
+		return -1;
+	buf[n] = 0;
+	return n;
+}
+
 /* SIGCHLD (a child changed state) and SIGIO (a host attached to the port) wake the poll loop. */
 static void on_wakeup_signal(int sig)
 {

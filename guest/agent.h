@@ -29,6 +29,7 @@ extern int g_poweroff;   /* POWEROFF: flush, then power off / exit */
 
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int64_t now_ns(void);
+ssize_t read_text(const char *path, char *buf, size_t size);
 void reap(void);
 
 /* listen.c */

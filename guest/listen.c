@@ -63,19 +63,13 @@ static int open_port(void)
 	if (!d)
 		return -1;
 	while ((de = readdir(d)) != NULL) {
-		int nf;
 		ssize_t n;
 		if (de->d_name[0] == '.')
 			continue;
 		snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/name", de->d_name);
-		nf = open(path, O_RDONLY | O_CLOEXEC);
-		if (nf < 0)
-			continue;
-		n = read(nf, name, sizeof(name) - 1);
-		close(nf);
+		n = read_text(path, name, sizeof(name));
 		if (n <= 0)
 			continue;
-		name[n] = 0;
 		if (name[n - 1] == '\n')
 			name[n - 1] = 0;
 		if (strcmp(name, g_port_name) != 0)
@@ -195,21 +189,13 @@ int parse_listen(const char *spec)
 void listen_from_cmdline(void)
 {
 	static char cmdline[4096];
-	ssize_t n = -1;
-	int fd;
 	char *tok, *save = NULL;
 
 	g_tkind = T_PORT;
-	fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
-	if (fd >= 0) {
-		n = read(fd, cmdline, sizeof(cmdline) - 1);
-		close(fd);
-	}
-	if (n < 0) {
+	if (read_text("/proc/cmdline", cmdline, sizeof(cmdline)) < 0) {
 		logmsg("cannot read /proc/cmdline, using port:%s", g_port_name);
 		return;
 	}
-	cmdline[n] = 0;
 	for (tok = strtok_r(cmdline, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
 		if (strncmp(tok, "mvm.agent=", 10) == 0 && parse_listen(tok + 10) < 0) {
 			g_tkind = T_PORT;

@@ -85,21 +85,14 @@ void tty_kill_session(pid_t sid)
 		while ((e = readdir(d))) {
 			char path[64], stat[256], state;
 			const char *close_paren;
-			int fd, ppid, pgrp, session;
-			ssize_t n;
+			int ppid, pgrp, session;
 			long pid = strtol(e->d_name, NULL, 10);
 
 			if (pid <= 0)
 				continue;
 			snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
-			fd = open(path, O_RDONLY | O_CLOEXEC);
-			if (fd < 0)
+			if (read_text(path, stat, sizeof(stat)) <= 0)
 				continue;
-			n = read(fd, stat, sizeof(stat) - 1);
-			close(fd);
-			if (n <= 0)
-				continue;
-			stat[n] = 0;
 			/* the command name in parentheses may itself hold ") " */
 			close_paren = strrchr(stat, ')');
 			if (close_paren &&
