@@ -133,7 +133,9 @@ async function removeWorkDir({ work }: Journal): Promise<void> {
 
 function setAttrs(fd: number, mode: number, mtimeNs: string | undefined): void {
   fchmodSync(fd, mode);
-  if (mtimeNs !== undefined) futimesSync(fd, utimeArg(BigInt(mtimeNs)), utimeArg(BigInt(mtimeNs)));
+  if (mtimeNs === undefined) return;
+  const time = utimeArg(BigInt(mtimeNs));
+  futimesSync(fd, time, time);
 }
 
 /** Runs `fn` on directory HOST/rel if it is still inode `ino`; false when it is not there. */

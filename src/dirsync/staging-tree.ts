@@ -3,10 +3,12 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Ext4FormatError, Ext4Image, S_IFDIR, S_IFLNK, S_IFMT, type Inode } from './ext4.js';
 import { fileDataRuns, readSymlinkTarget } from './ext4-data.js';
+import { utimeArg } from './host-ops.js';
 import { relKey } from './host-tree.js';
 import { childrenByParent, type Plan, type PlannedEntry } from './sync-plan.js';
-import { utimeArg } from './host-ops.js';
 import { inodeMtimeNs, type TreeChanges } from './tree-diff.js';
+
+const mtimeOf = (inode: Inode): string => utimeArg(inodeMtimeNs(inode));
 
 /** Owner write: rename(2) needs it on a directory that moves to another parent (to update its `..`). */
 export const OWNER_WRITE = 0o200;
@@ -78,7 +80,7 @@ export async function buildReplacements(imagePath: string, work: string, plan: P
       const { inode } = entry;
       if ((inode.mode & S_IFMT) === S_IFLNK) {
         symlinkSync(readSymlinkTarget(img, inode), path);
-        lutimesSync(path, utimeArg(inodeMtimeNs(inode)), utimeArg(inodeMtimeNs(inode)));
+        lutimesSync(path, mtimeOf(inode), mtimeOf(inode));
         continue;
       }
       const file = join(store, String(inode.ino));
@@ -86,7 +88,7 @@ export async function buildReplacements(imagePath: string, work: string, plan: P
         extracted.add(inode.ino);
         await copyFileData(img, image, inode, file, buffer, signal);
         chmodSync(file, plan.files.get(inode.ino)!.mode);
-        utimesSync(file, utimeArg(inodeMtimeNs(inode)), utimeArg(inodeMtimeNs(inode)));
+        utimesSync(file, mtimeOf(inode), mtimeOf(inode));
         result.bytesWritten += Number(inode.size);
       }
       linkSync(file, path);
@@ -106,7 +108,7 @@ export async function buildReplacements(imagePath: string, work: string, plan: P
       mode |= OWNER_WRITE;
     }
     chmodSync(path, mode);
-    utimesSync(path, utimeArg(inodeMtimeNs(entry.inode)), utimeArg(inodeMtimeNs(entry.inode)));
+    utimesSync(path, mtimeOf(entry.inode), mtimeOf(entry.inode));
   }
   for (const index of tops) {
     const staged = stagedName(index);
